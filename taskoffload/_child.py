@@ -1,0 +1,208 @@
+"""
+The worker process: what a forked child runs.
+
+It installs a fresh reactor (none exists before the fork), serves the shared
+listening socket with :class:`~taskoffload.worker.SharedSocketAcceptor`, and
+reports its log events to the supervisor over the events pipe, one JSON line per
+``write`` so that lines from many processes never interleave.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from typing import Any, NoReturn
+
+import orjson
+from twisted.logger import LogEvent, formatEvent
+from zope.interface import implementer
+
+from twisted.internet.interfaces import IReadDescriptor
+
+#: Largest write that a pipe keeps whole when several processes write to it.
+PIPE_ATOMIC = 4096
+
+
+class EventWriter:
+    """
+    Write JSON events, one per line, to a pipe shared with other processes.
+
+    Each event is one ``write`` of at most :data:`PIPE_ATOMIC` bytes; longer log
+    text is split over several events.
+    """
+
+    def __init__(self, fd: int, index: int | None) -> None:
+        self._fd = fd
+        self._index = index
+        self._pid = os.getpid()
+        self.broken = False
+
+    def send(self, event: dict[str, Any]) -> None:
+        """Write one event; a closed pipe (the supervisor is gone) is ignored."""
+        event.setdefault("index", self._index)
+        event.setdefault("pid", self._pid)
+        data = orjson.dumps(event) + b"\n"
+        if len(data) > PIPE_ATOMIC and isinstance(event.get("text"), str):
+            text = event["text"]
+            half = len(text) // 2
+            self.send({**event, "text": text[:half]})
+            self.send({**event, "text": text[half:]})
+            return
+        if self.broken:
+            return
+        try:
+            os.write(self._fd, data[:PIPE_ATOMIC])
+        except OSError:
+            self.broken = True
+
+    def log_observer(self, event: LogEvent) -> None:
+        """A :mod:`twisted.logger` observer that forwards events to the supervisor."""
+        text = formatEvent(event)
+        failure = event.get("log_failure")
+        if failure is not None:
+            text = f"{text}\n{failure.getTraceback()}"
+        level = event.get("log_level")
+        self.send(
+            {
+                "event": "log",
+                "level": level.name if level is not None else "info",
+                "namespace": event.get("log_namespace", "?"),
+                "text": text,
+            }
+        )
+
+
+@implementer(IReadDescriptor)
+class _Lifeline:
+    """Calls ``on_close`` when the supervisor's end of the lifeline pipe closes."""
+
+    def __init__(self, fd: int, on_close: Any) -> None:
+        self._fd = fd
+        self._on_close = on_close
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def logPrefix(self) -> str:
+        return "lifeline"
+
+    def connectionLost(self, reason: Any) -> None:
+        # epoll reports a pipe whose writer closed as a hang-up, and the reactor
+        # calls this instead of doRead.
+        self._closed()
+
+    def doRead(self) -> None:
+        try:
+            data = os.read(self._fd, 64)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            from twisted.internet import reactor
+
+            reactor.removeReader(self)  # type: ignore[attr-defined]  # the global reactor provides IReactorFDSet
+            self._closed()
+
+    def _closed(self) -> None:
+        on_close, self._on_close = self._on_close, None
+        if on_close is not None:
+            on_close()
+
+
+def run_worker(
+    config: dict[str, Any], index: int, events_fd: int, listen_fd: int, lifeline_fd: int
+) -> NoReturn:
+    """
+    Serve tasks until told to stop, then exit the process.
+
+    :param config: the pool's configuration (see ``supervisor.PoolConfig.to_json``).
+    :param index: this worker's slot number, for logs.
+    :param events_fd: the pipe to the supervisor.
+    :param listen_fd: the shared listening socket.
+    :param lifeline_fd: a pipe that reads end-of-file when the supervisor is gone.
+    """
+    from twisted.internet import default
+
+    default.install()
+    from twisted.internet import defer, reactor
+    from twisted.logger import Logger, globalLogBeginner
+
+    from taskoffload.registry import load_tasks
+    from taskoffload.worker import SharedSocketAcceptor, TaskServerFactory
+
+    events = EventWriter(events_fd, index)
+    globalLogBeginner.beginLoggingTo(
+        [events.log_observer], discardBuffer=True, redirectStandardIO=True
+    )
+    log = Logger(namespace="taskoffload.worker")
+    registry = load_tasks(config["tasks"])
+    listening = socket.socket(fileno=os.dup(listen_fd))
+    listening.setblocking(False)
+    acceptor: SharedSocketAcceptor | None = None
+
+    def capacity_changed(has_capacity: bool) -> None:
+        if acceptor is not None:
+            acceptor.set_capacity(has_capacity)
+
+    factory = TaskServerFactory(
+        registry,
+        reactor,  # type: ignore[arg-type]  # the global reactor provides IReactorTime
+        concurrency=config["concurrency"],
+        max_message=config["max_message"],
+        capacity_changed=capacity_changed,
+    )
+    acceptor = SharedSocketAcceptor(reactor, listening, factory)
+    stop_timeout = float(config["stop_timeout"])
+
+    stopping = False
+
+    def stop_once() -> None:
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            reactor.stop()  # type: ignore[attr-defined]  # IReactorCore
+
+    def supervisor_gone() -> None:
+        log.warn("Supervisor is gone; stopping")
+        stop_once()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        reactor.callFromThread(stop_once)  # type: ignore[attr-defined]  # IReactorThreads
+
+    @defer.inlineCallbacks
+    def graceful_stop() -> Any:
+        assert acceptor is not None
+        acceptor.stop()
+        running = factory.running
+        if running:
+            log.info("Stopping: finishing {running} task(s)", running=running)
+        drained = factory.drain()
+        drained.addTimeout(stop_timeout, reactor)  # type: ignore[arg-type]  # IReactorTime
+        try:
+            yield drained
+        except defer.TimeoutError:
+            log.warn("Stop timeout ({timeout} s) passed with tasks running", timeout=stop_timeout)
+        closed = factory.close_all()
+        closed.addTimeout(2.0, reactor)  # type: ignore[arg-type]  # IReactorTime
+        try:
+            yield closed
+        except defer.TimeoutError:
+            pass
+
+    def started() -> None:
+        assert acceptor is not None
+        acceptor.resume()
+        # Replace Twisted's handlers, which would stop an already stopping reactor
+        # when a second signal comes (say, one to the whole process group).
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        reactor.addReader(_Lifeline(lifeline_fd, supervisor_gone))  # type: ignore[attr-defined]  # IReactorFDSet
+        events.send({"event": "serving"})
+
+    reactor.addSystemEventTrigger("before", "shutdown", graceful_stop)  # type: ignore[attr-defined]  # IReactorCore
+    reactor.callWhenRunning(started)  # type: ignore[attr-defined]  # IReactorCore
+    reactor.run()  # type: ignore[attr-defined]  # IReactorCore
+    events.send({"event": "stopped", "tasks_done": factory.tasks_done})
+    os._exit(0)

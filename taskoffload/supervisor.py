@@ -1,0 +1,495 @@
+"""
+The worker supervisor: owns the listening socket, the fork server and, through it,
+every worker process; restarts what dies and stops everything gracefully.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import orjson
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IDelayedCall, IListeningPort
+from twisted.internet.protocol import Factory, Protocol, ProcessProtocol
+from twisted.logger import Logger, LogLevel
+from twisted.python.failure import Failure
+
+from taskoffload import wire
+
+__all__ = ["PoolConfig", "WorkerPoolService"]
+
+_log = Logger(namespace="taskoffload.supervisor")
+_worker_log = Logger(namespace="taskoffload.worker")
+
+#: A worker that dies sooner than this after starting is crash-looping.
+STABLE_SECONDS = 1.0
+#: First and largest delay before restarting a crash-looping worker.
+MIN_RESTART_DELAY = 0.5
+MAX_RESTART_DELAY = 30.0
+
+
+@attrs.frozen
+class PoolConfig:
+    """
+    Everything a worker pool is started with.
+
+    :ivar listen: a Twisted server endpoint string (``tcp:`` or ``unix:``).
+    :ivar env: environment variables set in the workers.
+    """
+
+    listen: str = "tcp:12345:interface=127.0.0.1"
+    count: int = 4
+    concurrency: int = 1
+    tasks: tuple[str, ...] = ("taskoffload.examples",)
+    max_message: int = wire.DEFAULT_MAX_MESSAGE
+    stop_timeout: float = 30.0
+    env: dict[str, str] = attrs.field(factory=dict)
+
+    def to_json(self) -> bytes:
+        """The configuration line sent to the fork server."""
+        return (
+            orjson.dumps(
+                {
+                    "tasks": list(self.tasks),
+                    "concurrency": self.concurrency,
+                    "max_message": self.max_message,
+                    "stop_timeout": self.stop_timeout,
+                    "env": self.env,
+                    "path": [p for p in sys.path if p],
+                }
+            )
+            + b"\n"
+        )
+
+
+def _with_backlog(description: str, backlog: int = 1024) -> str:
+    """Add a generous ``backlog`` to a tcp/unix endpoint string that sets none."""
+    kind = description.split(":", 1)[0]
+    if kind in ("tcp", "tcp6", "unix") and "backlog=" not in description:
+        return f"{description}:backlog={backlog}"
+    return description
+
+
+class _NeverAccept(Factory):
+    """The supervisor's port never accepts; this only satisfies the endpoint API."""
+
+    noisy = False
+
+    def buildProtocol(self, addr: Any) -> Protocol | None:
+        return None
+
+
+@attrs.define
+class WorkerRecord:
+    """One worker slot and the process currently in it."""
+
+    index: int
+    pid: int | None = None
+    started: float = 0.0
+    serving: bool = False
+    restarts: int = 0
+    delay: float = 0.0
+    tasks_done: int = 0
+    timer: IDelayedCall | None = None
+
+
+class _ForkServerProtocol(ProcessProtocol):
+    """Reads the fork server's events (fd 1) and raw standard error (fd 2)."""
+
+    def __init__(self, service: WorkerPoolService) -> None:
+        self._service = service
+        self._buffers = {1: b"", 2: b""}
+        self.ended: Deferred[None] = Deferred()
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        buffer = self._buffers.get(childFD, b"") + data
+        *lines, rest = buffer.split(b"\n")
+        self._buffers[childFD] = rest
+        for line in lines:
+            if childFD == 1:
+                self._service.event_received(line)
+            elif line.strip():
+                self._service.raw_output(line)
+
+    def processEnded(self, reason: Failure) -> None:
+        self.ended.callback(None)
+        self._service.fork_server_ended(self, reason)
+
+
+class WorkerPoolService(Service):
+    """
+    Run ``config.count`` worker processes serving one listening socket.
+
+    :param config: the pool's configuration.
+    :param reactor: provides ``IReactorProcess``, ``IReactorTime`` and
+        ``IReactorSocket``; defaults to the global reactor.
+    """
+
+    def __init__(self, config: PoolConfig, reactor: Any = None) -> None:
+        self.config = config
+        self._reactor = reactor
+        self.workers: dict[int, WorkerRecord] = {}
+        self.port: IListeningPort | None = None
+        self._fork_server: _ForkServerProtocol | None = None
+        self._fork_server_delay = 0.0
+        self._fork_server_timer: IDelayedCall | None = None
+        self._lifeline: int | None = None
+        self._stopping = False
+        self._launched_at = 0.0
+        self._all_serving: list[Deferred[float]] = []
+        self._all_exited: list[Deferred[None]] = []
+        self.serving_after: float | None = None
+
+    @property
+    def reactor(self) -> Any:
+        if self._reactor is None:
+            from twisted.internet import reactor
+
+            self._reactor = reactor
+        return self._reactor
+
+    # Lifecycle
+
+    def privilegedStartService(self) -> None:
+        """Bind the listening socket (before twistd drops privileges, if it does)."""
+        super().privilegedStartService()
+        self._listen()
+
+    def _listen(self) -> None:
+        if self.port is not None:
+            return
+        endpoint = serverFromString(self.reactor, _with_backlog(self.config.listen))
+        ports: list[IListeningPort] = []
+        failures: list[Failure] = []
+        endpoint.listen(_NeverAccept()).addCallbacks(ports.append, failures.append)
+        if failures:
+            failures[0].raiseException()
+        if not ports:
+            raise RuntimeError(f"{self.config.listen}: the endpoint did not listen at once")
+        # The supervisor only holds the socket; its children accept on it.
+        ports[0].stopReading()  # type: ignore[attr-defined]  # tcp.Port and unix.Port are FileDescriptors
+        self.port = ports[0]
+
+    def startService(self) -> None:
+        super().startService()
+        self.reactor.callWhenRunning(self._handle_sigterm)
+        self._stopping = False
+        self._launched_at = self.reactor.seconds()
+        self._listen()
+        port = self.port
+        assert port is not None
+        _log.info(
+            "Worker pool listening on {address}, starting {count} workers",
+            address=port.getHost(),
+            count=self.config.count,
+        )
+        self.workers = {i: WorkerRecord(index=i) for i in range(self.config.count)}
+        self._spawn_fork_server()
+
+    def _handle_sigterm(self) -> None:
+        # Twisted's own handler makes twistd exit by re-raising the signal; a
+        # graceful stop that finished its work is a success, so exit 0 instead.
+        def on_sigterm(signum: int, frame: Any) -> None:
+            self.reactor.callFromThread(self._stop_reactor)
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+
+    def _stop_reactor(self) -> None:
+        if not self._stopping and self.reactor.running:
+            _log.info("Received SIGTERM: stopping gracefully")
+            self.reactor.stop()
+
+    def _spawn_fork_server(self) -> None:
+        self._fork_server_timer = None
+        if self._stopping or self.port is None:
+            return
+        # A fresh lifeline per fork server: closing the old write end tells any
+        # worker of a previous fork server to stop.
+        if self._lifeline is not None:
+            os.close(self._lifeline)
+        lifeline_r, self._lifeline = os.pipe()
+        protocol = _ForkServerProtocol(self)
+        self._fork_server = protocol
+        env = dict(os.environ)
+        env["PYTHONUNBUFFERED"] = "1"
+        self._fork_server_started = self.reactor.seconds()
+        self.reactor.spawnProcess(
+            protocol,
+            sys.executable,
+            [sys.executable, "-m", "taskoffload._forkserver"],
+            env=env,
+            childFDs={
+                0: "w",
+                1: "r",
+                2: "r",
+                3: self.port.fileno(),  # type: ignore[attr-defined]  # ports are FileDescriptors
+                4: lifeline_r,
+            },
+        )
+        os.close(lifeline_r)
+        protocol.transport.write(self.config.to_json())  # type: ignore[union-attr]  # set by spawnProcess
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return defer.ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
+        self._stopping = True
+        if self._fork_server_timer is not None and self._fork_server_timer.active():
+            self._fork_server_timer.cancel()
+        for record in self.workers.values():
+            if record.timer is not None and record.timer.active():
+                record.timer.cancel()
+            record.timer = None
+        alive = [r for r in self.workers.values() if r.pid is not None]
+        if alive:
+            _log.info("Stopping {count} workers", count=len(alive))
+            self._signal_workers(signal.SIGTERM)
+            exited = self.wait_for_exit()
+            exited.addTimeout(self.config.stop_timeout + 2.0, self.reactor)
+            try:
+                await exited
+            except defer.TimeoutError:
+                _log.warn("Workers still running after the stop timeout; killing them")
+                self._signal_workers(signal.SIGKILL)
+        fork_server = self._fork_server
+        if fork_server is not None and fork_server.transport is not None:
+            fork_server.transport.closeStdin()  # type: ignore[attr-defined]  # IProcessTransport
+            ended = fork_server.ended
+            ended.addTimeout(5.0, self.reactor)
+            try:
+                await ended
+            except defer.TimeoutError:
+                try:
+                    fork_server.transport.signalProcess("KILL")  # type: ignore[attr-defined]  # IProcessTransport
+                except Exception:
+                    pass
+        if self._lifeline is not None:
+            os.close(self._lifeline)
+            self._lifeline = None
+        if self.port is not None:
+            port, self.port = self.port, None
+            await port.stopListening()
+        _log.info("Worker pool stopped")
+
+    def _signal_workers(self, signum: int) -> None:
+        for record in self.workers.values():
+            if record.pid is not None:
+                try:
+                    os.kill(record.pid, signum)
+                except ProcessLookupError:
+                    pass
+
+    # Waiting, for tests and the benchmark
+
+    def wait_until_serving(self) -> Deferred[float]:
+        """
+        :return: a Deferred firing with the seconds from start until every worker
+            served, once they all do.
+        """
+        if self.serving_after is not None and self._count_serving() == self.config.count:
+            return defer.succeed(self.serving_after)
+        d: Deferred[float] = Deferred()
+        self._all_serving.append(d)
+        return d
+
+    def wait_for_exit(self) -> Deferred[None]:
+        """:return: a Deferred firing once no worker process is alive."""
+        if all(r.pid is None for r in self.workers.values()):
+            return defer.succeed(None)
+        d: Deferred[None] = Deferred()
+        self._all_exited.append(d)
+        return d
+
+    def _fire_all_exited(self) -> None:
+        if all(r.pid is None for r in self.workers.values()):
+            waiters, self._all_exited = self._all_exited, []
+            for d in waiters:
+                d.callback(None)
+
+    def _count_serving(self) -> int:
+        return sum(1 for r in self.workers.values() if r.serving)
+
+    # Events from the fork server and the workers
+
+    def event_received(self, line: bytes) -> None:
+        """Handle one JSON event line from the fork server or a worker."""
+        try:
+            event = orjson.loads(line)
+            kind = event["event"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            self.raw_output(line)
+            return
+        handler: Callable[[dict[str, Any]], None] | None = getattr(self, f"_on_{kind}", None)
+        if handler is None:
+            _log.warn("Unknown event from the pool: {event!r}", event=event)
+            return
+        handler(event)
+
+    def raw_output(self, line: bytes) -> None:
+        """Log a line a worker or the fork server wrote to standard output or error."""
+        _log.info("{output}", output=line.decode("utf-8", "replace"))
+
+    def _on_log(self, event: dict[str, Any]) -> None:
+        try:
+            level = LogLevel.levelWithName(event.get("level", "info"))
+        except Exception:
+            level = LogLevel.info
+        _worker_log.emit(
+            level,
+            "[worker {worker_index} pid {worker_pid}] {text}",
+            worker_index=event.get("index"),
+            worker_pid=event.get("pid"),
+            worker_namespace=event.get("namespace"),
+            text=event.get("text", ""),
+        )
+
+    def _on_ready(self, event: dict[str, Any]) -> None:
+        self._fork_server_ready_at = self.reactor.seconds()
+        for record in self.workers.values():
+            if record.pid is None and record.timer is None:
+                self._fork(record)
+
+    def _on_failed(self, event: dict[str, Any]) -> None:
+        _log.error(
+            "The worker pool cannot start: {text}", text=event.get("text", "(no reason given)")
+        )
+
+    def _fork(self, record: WorkerRecord) -> None:
+        record.timer = None
+        if self._stopping or self._fork_server is None or self._fork_server.transport is None:
+            return
+        command = orjson.dumps({"cmd": "fork", "index": record.index}) + b"\n"
+        self._fork_server.transport.write(command)
+
+    def _on_forked(self, event: dict[str, Any]) -> None:
+        record = self.workers.get(event["index"])
+        if record is None:
+            return
+        if record.pid != event["pid"]:
+            # (A fast worker's "serving" may arrive before its "forked".)
+            record.pid = event["pid"]
+            record.started = self.reactor.seconds()
+            record.serving = False
+        if self._stopping:
+            os.kill(event["pid"], signal.SIGTERM)
+
+    def _on_serving(self, event: dict[str, Any]) -> None:
+        record = self.workers.get(event["index"])
+        if record is None:
+            return
+        if record.pid != event["pid"]:
+            # Its "forked" event is still on the way.
+            record.pid = event["pid"]
+            record.started = self.reactor.seconds()
+        record.serving = True
+        if self._count_serving() == self.config.count:
+            elapsed = self.reactor.seconds() - self._launched_at
+            if self.serving_after is None:
+                self.serving_after = elapsed
+                _log.info(
+                    "All {count} workers serving, {elapsed:.3f} s after start",
+                    count=self.config.count,
+                    elapsed=elapsed,
+                )
+            waiters, self._all_serving = self._all_serving, []
+            for d in waiters:
+                d.callback(elapsed)
+
+    def _on_stopped(self, event: dict[str, Any]) -> None:
+        record = self.workers.get(event["index"])
+        if record is not None and record.pid == event["pid"]:
+            record.tasks_done += int(event.get("tasks_done", 0))
+
+    def _on_exited(self, event: dict[str, Any]) -> None:
+        record = self.workers.get(event["index"])
+        if record is None or record.pid != event["pid"]:
+            return
+        self._worker_gone(record, event.get("code"))
+
+    def _worker_gone(self, record: WorkerRecord, code: int | None) -> None:
+        pid, record.pid, record.serving = record.pid, None, False
+        if self._stopping:
+            self._fire_all_exited()
+            return
+        uptime = self.reactor.seconds() - record.started
+        if uptime >= STABLE_SECONDS:
+            record.delay = 0.0
+        else:
+            record.delay = min(max(record.delay * 2, MIN_RESTART_DELAY), MAX_RESTART_DELAY)
+        record.restarts += 1
+        _log.warn(
+            "Worker {index} (pid {pid}) exited with {code} after {uptime:.2f} s; "
+            "restarting in {delay} s",
+            index=record.index,
+            pid=pid,
+            code=code,
+            uptime=uptime,
+            delay=record.delay,
+        )
+        if record.delay:
+            record.timer = self.reactor.callLater(record.delay, self._fork, record)
+        else:
+            self._fork(record)
+
+    def fork_server_ended(self, protocol: _ForkServerProtocol, reason: Failure) -> None:
+        """The fork server exited; if that was not asked for, start another."""
+        if protocol is not self._fork_server:
+            return
+        self._fork_server = None
+        # Its workers die with it (parent-death signal); make sure, and mark them gone.
+        for record in self.workers.values():
+            if record.pid is not None:
+                try:
+                    os.kill(record.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                record.pid, record.serving = None, False
+        if self._stopping:
+            self._fire_all_exited()
+            return
+        uptime = self.reactor.seconds() - self._fork_server_started
+        if uptime >= STABLE_SECONDS * 5:
+            self._fork_server_delay = 0.0
+        else:
+            self._fork_server_delay = min(
+                max(self._fork_server_delay * 2, MIN_RESTART_DELAY * 2), MAX_RESTART_DELAY
+            )
+        _log.error(
+            "The fork server exited ({reason}); restarting the pool in {delay} s",
+            reason=reason.getErrorMessage(),
+            delay=self._fork_server_delay,
+        )
+        self._fork_server_timer = self.reactor.callLater(
+            self._fork_server_delay, self._spawn_fork_server
+        )
+
+    # Status
+
+    def status(self) -> dict[str, Any]:
+        """A JSON-ready summary of the pool, for ``/status``."""
+        now = self.reactor.seconds()
+        return {
+            "count": self.config.count,
+            "alive": sum(1 for r in self.workers.values() if r.pid is not None),
+            "serving": self._count_serving(),
+            "restarts": sum(r.restarts for r in self.workers.values()),
+            "workers": [
+                {
+                    "index": r.index,
+                    "pid": r.pid,
+                    "state": "serving" if r.serving else ("starting" if r.pid else "down"),
+                    "uptime": round(now - r.started, 3) if r.pid else None,
+                    "restarts": r.restarts,
+                }
+                for r in self.workers.values()
+            ],
+        }

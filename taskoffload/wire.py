@@ -1,0 +1,364 @@
+"""
+The wire format: newline-delimited UTF-8 JSON objects, the same on the worker port
+and (one object per text frame) on the gateway's WebSocket.
+
+Everything here is pure: bytes in, records out, and back.  Bad input raises
+:class:`BadMessage`, which carries the error code and, where it could be read, the
+request's ``id`` so that the error reply reaches the right caller.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Final, TypeAlias
+
+import attrs
+import orjson
+
+__all__ = [
+    "BAD_ARGUMENTS",
+    "BAD_REQUEST",
+    "CANCELLED",
+    "DEFAULT_MAX_MESSAGE",
+    "ERROR_CODES",
+    "OVERLOADED",
+    "TASK_FAILED",
+    "TIMEOUT",
+    "UNAUTHORIZED",
+    "UNKNOWN_FUNCTION",
+    "WORKER_LOST",
+    "BadMessage",
+    "Cancel",
+    "ErrorReply",
+    "Message",
+    "Progress",
+    "Reply",
+    "Request",
+    "RequestId",
+    "Result",
+    "decode_message",
+    "decode_reply",
+    "dumps",
+    "encode_cancel",
+    "encode_reply",
+    "encode_request",
+]
+
+#: Not JSON, not an object, or missing or ill-typed fields.
+BAD_REQUEST: Final = "bad_request"
+#: No task of that name is registered.
+UNKNOWN_FUNCTION: Final = "unknown_function"
+#: The arguments do not bind to the task's signature.
+BAD_ARGUMENTS: Final = "bad_arguments"
+#: The task raised.
+TASK_FAILED: Final = "task_failed"
+#: The task's deadline passed.
+TIMEOUT: Final = "timeout"
+#: The caller cancelled the request.
+CANCELLED: Final = "cancelled"
+#: The process running the task died, or the connection to it was lost.
+WORKER_LOST: Final = "worker_lost"
+#: A bound was hit; retry later.
+OVERLOADED: Final = "overloaded"
+#: Credentials were missing or wrong.
+UNAUTHORIZED: Final = "unauthorized"
+
+#: Every error code, stable and documented in ``docs/protocol.rst``.
+ERROR_CODES: Final = frozenset(
+    {
+        BAD_REQUEST,
+        UNKNOWN_FUNCTION,
+        BAD_ARGUMENTS,
+        TASK_FAILED,
+        TIMEOUT,
+        CANCELLED,
+        WORKER_LOST,
+        OVERLOADED,
+        UNAUTHORIZED,
+    }
+)
+
+#: Default bound on one line or frame, in bytes: 1 MiB.
+DEFAULT_MAX_MESSAGE: Final = 1024 * 1024
+
+#: A caller's request id: any JSON string or number, or ``None`` when absent.
+RequestId: TypeAlias = str | int | float | None
+
+_REQUEST_KEYS: Final = frozenset({"id", "function", "args", "kwargs", "timeout", "batch"})
+
+
+class BadMessage(Exception):
+    """
+    A message that cannot be served.
+
+    :ivar code: one of :data:`ERROR_CODES`, ``bad_request`` for anything the
+        decoder rejects.
+    :ivar message: what was wrong, for a person.
+    :ivar request_id: the request's ``id`` if it could be read, else ``None``.
+    """
+
+    def __init__(self, message: str, request_id: RequestId = None, code: str = BAD_REQUEST):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+    def to_reply(self) -> ErrorReply:
+        """
+        :return: the error reply this rejection is answered with.
+        """
+        return ErrorReply(id=self.request_id, code=self.code, message=self.message, type=None)
+
+
+@attrs.frozen
+class Request:
+    """
+    Run ``function`` with ``args`` (positional) and ``kwargs`` (keywords).
+
+    :ivar id: the caller's id, echoed on every reply; ``None`` when it sent none.
+    :ivar timeout: seconds the caller will wait, or ``None``.
+    :ivar batch: for the gateway's batch extension, the items' keyword arguments
+        (or argument lists); ``None`` for an ordinary request.
+    """
+
+    id: RequestId
+    function: str
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = attrs.field(factory=dict)
+    timeout: float | None = None
+    batch: tuple[Any, ...] | None = None
+
+
+@attrs.frozen
+class Cancel:
+    """Cancel the in-flight request whose id is ``id``."""
+
+    id: RequestId
+
+
+Message: TypeAlias = Request | Cancel
+
+
+@attrs.frozen
+class Result:
+    """The final, successful reply to request ``id``."""
+
+    id: RequestId
+    result: Any
+
+
+@attrs.frozen
+class ErrorReply:
+    """
+    The final, failed reply to request ``id``.
+
+    :ivar code: one of :data:`ERROR_CODES`.
+    :ivar type: the exception class name for ``task_failed``, else ``None``.
+    """
+
+    id: RequestId
+    code: str
+    message: str
+    type: str | None = None
+
+
+@attrs.frozen
+class Progress:
+    """A progress report for request ``id``; any number may precede its final reply."""
+
+    id: RequestId
+    progress: Any
+
+
+Reply: TypeAlias = Result | ErrorReply | Progress
+
+
+def _loads(data: bytes) -> Any:
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as e:
+        raise BadMessage(f"not valid JSON: {e}") from None
+
+
+def dumps(value: Any) -> bytes:
+    """
+    Serialize ``value`` as compact JSON.
+
+    Falls back to the standard library for what orjson refuses but JSON allows
+    (integers beyond 64 bits).
+
+    :raises TypeError: if ``value`` is not JSON-serializable.
+    :raises ValueError: if it holds NaN or an infinity, which JSON cannot carry.
+    """
+    try:
+        return orjson.dumps(value)
+    except TypeError:
+        return json.dumps(value, separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+
+def _is_id(value: Any) -> bool:
+    return value is None or (isinstance(value, (str, int, float)) and not isinstance(value, bool))
+
+
+def decode_message(data: bytes) -> Message:
+    """
+    Decode one line or frame (without its delimiter) into a request or a cancel.
+
+    :raises BadMessage: with code ``bad_request`` for anything else; never any
+        other exception, whatever the bytes.
+    """
+    if data.endswith(b"\r"):
+        data = data[:-1]
+    if not data.strip():
+        raise BadMessage("empty message")
+    obj = _loads(data)
+    if not isinstance(obj, dict):
+        raise BadMessage(f"a message must be a JSON object, not {_json_type(obj)}")
+    raw_id = obj.get("id")
+    request_id = raw_id if _is_id(raw_id) else None
+    if "cancel" in obj:
+        target = obj["cancel"]
+        if len(obj) != 1 or not _is_id(target) or target is None:
+            raise BadMessage('a cancel is {"cancel": ID} with a string or number ID')
+        return Cancel(id=target)
+    if not _is_id(raw_id):
+        raise BadMessage("id must be a JSON string or number")
+    function = obj.get("function")
+    if not isinstance(function, str) or not function:
+        raise BadMessage('missing "function": the name of a task, as a string', request_id)
+    extra = obj.keys() - _REQUEST_KEYS
+    if extra:
+        raise BadMessage(f"unknown fields: {', '.join(sorted(extra))}", request_id)
+    args_value = obj.get("args", {})
+    kwargs: dict[str, Any]
+    if isinstance(args_value, dict):
+        args: tuple[Any, ...] = ()
+        kwargs = args_value
+    elif isinstance(args_value, list):
+        args = tuple(args_value)
+        kwargs = {}
+    elif args_value is None:
+        args, kwargs = (), {}
+    else:
+        raise BadMessage('"args" must be an object (keywords) or a list (positional)', request_id)
+    more = obj.get("kwargs")
+    if more is not None:
+        if not isinstance(more, dict):
+            raise BadMessage('"kwargs" must be an object', request_id)
+        clash = kwargs.keys() & more.keys()
+        if clash:
+            raise BadMessage(f"arguments given twice: {', '.join(sorted(clash))}", request_id)
+        kwargs = {**kwargs, **more}
+    timeout = obj.get("timeout")
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0
+    ):
+        raise BadMessage('"timeout" must be a positive number of seconds', request_id)
+    batch = obj.get("batch")
+    if batch is not None:
+        if not isinstance(batch, list):
+            raise BadMessage('"batch" must be a list of argument objects or lists', request_id)
+        batch = tuple(batch)
+    return Request(
+        id=request_id,
+        function=function,
+        args=args,
+        kwargs=kwargs,
+        timeout=float(timeout) if timeout is not None else None,
+        batch=batch,
+    )
+
+
+def _json_type(value: Any) -> str:
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return "null"
+
+
+def encode_request(request: Request) -> bytes:
+    """
+    Encode a request as one line, delimiter included.
+
+    Positional ``args`` go in ``args`` as a list with keywords in ``kwargs``;
+    keyword-only calls send ``args`` as an object.
+    """
+    obj: dict[str, Any] = {"id": request.id, "function": request.function}
+    if request.args:
+        obj["args"] = list(request.args)
+        if request.kwargs:
+            obj["kwargs"] = request.kwargs
+    else:
+        obj["args"] = request.kwargs
+    if request.timeout is not None:
+        obj["timeout"] = request.timeout
+    if request.batch is not None:
+        obj["batch"] = list(request.batch)
+    return dumps(obj) + b"\n"
+
+
+def encode_cancel(cancel: Cancel) -> bytes:
+    """Encode a cancel as one line, delimiter included."""
+    return dumps({"cancel": cancel.id}) + b"\n"
+
+
+def encode_reply(reply: Reply) -> bytes:
+    """
+    Encode a reply as one line, delimiter included.
+
+    A result that JSON cannot carry becomes a ``task_failed`` error, so the
+    caller always gets a reply it can read.
+    """
+    if isinstance(reply, Result):
+        try:
+            return dumps({"id": reply.id, "result": reply.result}) + b"\n"
+        except (TypeError, ValueError) as e:
+            return encode_reply(
+                ErrorReply(
+                    id=reply.id,
+                    code=TASK_FAILED,
+                    message=f"the task's result is not JSON-serializable: {e}",
+                    type=type(e).__name__,
+                )
+            )
+    if isinstance(reply, Progress):
+        try:
+            return dumps({"id": reply.id, "progress": reply.progress}) + b"\n"
+        except (TypeError, ValueError):
+            return dumps({"id": reply.id, "progress": repr(reply.progress)}) + b"\n"
+    error: dict[str, Any] = {"code": reply.code, "message": reply.message}
+    if reply.type is not None:
+        error["type"] = reply.type
+    return dumps({"id": reply.id, "error": error}) + b"\n"
+
+
+def decode_reply(data: bytes) -> Reply:
+    """
+    Decode one reply line (without its delimiter), as a client reads it.
+
+    :raises BadMessage: if the line is not a reply.
+    """
+    obj = _loads(data)
+    if not isinstance(obj, dict) or "id" not in obj or not _is_id(obj["id"]):
+        raise BadMessage("a reply must be an object with an id")
+    request_id = obj["id"]
+    if "result" in obj:
+        return Result(id=request_id, result=obj["result"])
+    if "progress" in obj:
+        return Progress(id=request_id, progress=obj["progress"])
+    error = obj.get("error")
+    if isinstance(error, dict) and isinstance(error.get("code"), str):
+        message = error.get("message")
+        kind = error.get("type")
+        return ErrorReply(
+            id=request_id,
+            code=error["code"],
+            message=message if isinstance(message, str) else "",
+            type=kind if isinstance(kind, str) else None,
+        )
+    raise BadMessage("a reply holds one of result, error or progress", request_id)

@@ -1,0 +1,462 @@
+"""
+The task server that runs inside each worker process: a line protocol that decodes
+requests, runs registered tasks and writes one final reply per request, and the
+acceptor that takes connections from the shared listening socket one at a time.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, IReadDescriptor
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger, LogLevel
+from twisted.protocols.basic import LineReceiver
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from taskoffload import wire
+from taskoffload.registry import PROGRESS_PARAMETER, TaskRegistry
+
+__all__ = ["SharedSocketAcceptor", "TaskServerFactory", "TaskServerProtocol"]
+
+#: Seconds a freshly accepted connection counts as busy while its first request is
+#: on its way, so that a burst of connections spreads over idle workers.
+RESERVATION_SECONDS = 1.0
+
+
+class _Job:
+    """One request on one connection, from arrival to final reply."""
+
+    __slots__ = ("deferred", "done", "request")
+
+    def __init__(self, request: wire.Request) -> None:
+        self.request = request
+        self.deferred: Deferred[Any] | None = None
+        self.done = False
+
+
+class TaskServerProtocol(LineReceiver):
+    """
+    Serve newline-delimited JSON requests on one connection.
+
+    Requests on one connection run one after another, in order, so replies to
+    id-less requests come back in request order; ``cancel`` messages act at once.
+    """
+
+    delimiter = b"\n"
+    MAX_LENGTH = wire.DEFAULT_MAX_MESSAGE
+    factory: TaskServerFactory
+
+    def __init__(self) -> None:
+        self._queue: deque[_Job] = deque()
+        self._running: _Job | None = None
+        self._reservation: IDelayedCall | None = None
+        self._closing = False
+        self.connected_at = 0.0
+
+    # LineReceiver / IProtocol
+
+    def connectionMade(self) -> None:
+        self.MAX_LENGTH = self.factory.max_message
+        self._reservation = self.factory.clock.callLater(RESERVATION_SECONDS, self._release)
+        self.factory.connection_opened(self)
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._closing:
+            return
+        try:
+            message = wire.decode_message(line)
+        except wire.BadMessage as e:
+            self._send(wire.encode_reply(e.to_reply()))
+            return
+        if isinstance(message, wire.Cancel):
+            self._cancel(message.id)
+            return
+        if message.batch is not None:
+            self._send(
+                wire.encode_reply(
+                    wire.ErrorReply(
+                        id=message.id,
+                        code=wire.BAD_REQUEST,
+                        message="batches are served by the gateway, not by a worker",
+                    )
+                )
+            )
+            return
+        self._queue.append(_Job(message))
+        if self._reservation is not None:
+            self._release()
+        self._next()
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        """Answer an oversize line with ``bad_request``, then close the connection."""
+        if self._closing:
+            return
+        self._closing = True
+        reply = wire.ErrorReply(
+            id=None,
+            code=wire.BAD_REQUEST,
+            message=f"message longer than the limit of {self.MAX_LENGTH} bytes",
+        )
+        self._send(wire.encode_reply(reply))
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008  # Twisted's signature
+        self._closing = True
+        if self._reservation is not None:
+            self._reservation.cancel()
+            self._reservation = None
+        self._queue.clear()
+        running = self._running
+        if running is not None and running.deferred is not None and not running.done:
+            running.deferred.cancel()
+        self.factory.connection_closed(self)
+
+    # Bookkeeping the factory reads
+
+    @property
+    def busy(self) -> bool:
+        """The connection has a task queued or running, or awaits its first request."""
+        return self._reservation is not None or self._running is not None or bool(self._queue)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing is running or queued on this connection."""
+        return self._running is None and not self._queue
+
+    def _release(self) -> None:
+        if self._reservation is not None:
+            if self._reservation.active():
+                self._reservation.cancel()
+            self._reservation = None
+            self.factory.state_changed()
+
+    # Running requests
+
+    def _next(self) -> None:
+        if self._running is not None or not self._queue or self._closing:
+            return
+        job = self._queue.popleft()
+        self._running = job
+        self.factory.state_changed()
+        d = self.factory.run(job.request, lambda value: self._progress(job, value))
+        job.deferred = d
+        d.addBoth(self._finished, job)
+
+    def _finished(self, outcome: wire.Result | wire.ErrorReply | Failure, job: _Job) -> None:
+        job.done = True
+        if self._running is job:
+            self._running = None
+        if isinstance(outcome, Failure):
+            outcome = wire.ErrorReply(
+                id=job.request.id,
+                code=wire.CANCELLED if outcome.check(CancelledError) else wire.TASK_FAILED,
+                message=outcome.getErrorMessage(),
+                type=outcome.type.__name__ if outcome.type else None,
+            )
+        if not self._closing:
+            self._send(wire.encode_reply(outcome))
+        self.factory.state_changed()
+        self._next()
+
+    def _progress(self, job: _Job, value: Any) -> None:
+        if not job.done and not self._closing:
+            self._send(wire.encode_reply(wire.Progress(id=job.request.id, progress=value)))
+
+    def _cancel(self, request_id: wire.RequestId) -> None:
+        running = self._running
+        if running is not None and running.request.id == request_id:
+            if running.deferred is not None:
+                running.deferred.cancel()
+            return
+        for job in self._queue:
+            if job.request.id == request_id:
+                self._queue.remove(job)
+                self._send(
+                    wire.encode_reply(
+                        wire.ErrorReply(
+                            id=request_id, code=wire.CANCELLED, message="cancelled before it ran"
+                        )
+                    )
+                )
+                self.factory.state_changed()
+                return
+        # Already answered: its final reply is on its way or delivered.
+
+    def _send(self, data: bytes) -> None:
+        self.transport.write(data)
+
+
+
+class TaskServerFactory(Factory):
+    """
+    Builds :class:`TaskServerProtocol` and runs tasks for all connections of one
+    worker process.
+
+    :param registry: the tasks that may run.
+    :param clock: for deadlines and reservations.
+    :param concurrency: how many connections may have work at once before the
+        process stops taking new connections (see :attr:`has_capacity`).
+    :param max_message: longest accepted line, in bytes.
+    :param capacity_changed: called with ``True`` when the process can take a new
+        connection and ``False`` when it is at its limit.
+    """
+
+    protocol = TaskServerProtocol
+    log = Logger()
+
+    def __init__(
+        self,
+        registry: TaskRegistry,
+        clock: IReactorTime,
+        concurrency: int = 1,
+        max_message: int = wire.DEFAULT_MAX_MESSAGE,
+        capacity_changed: Callable[[bool], None] | None = None,
+    ) -> None:
+        self.registry = registry
+        self.clock = clock
+        self.concurrency = concurrency
+        self.max_message = max_message
+        self.connections: set[TaskServerProtocol] = set()
+        self.tasks_done = 0
+        self._capacity_changed = capacity_changed
+        self._had_capacity = True
+        self._drained: list[Deferred[None]] = []
+        self._closed: list[Deferred[None]] = []
+        # Connections are gated by capacity, but an idle connection may bring work
+        # while others run; the semaphore keeps ``concurrency`` a hard bound.
+        self._slots = defer.DeferredSemaphore(concurrency)
+
+    @property
+    def busy_connections(self) -> int:
+        """Connections with work queued, running, or about to arrive."""
+        return sum(1 for c in self.connections if c.busy)
+
+    @property
+    def has_capacity(self) -> bool:
+        """Fewer than ``concurrency`` connections are busy."""
+        return self.busy_connections < self.concurrency
+
+    @property
+    def running(self) -> int:
+        """Connections with a task queued or running."""
+        return sum(1 for c in self.connections if not c.idle)
+
+    def connection_opened(self, connection: TaskServerProtocol) -> None:
+        """Record a new connection."""
+        self.connections.add(connection)
+        self.state_changed()
+
+    def connection_closed(self, connection: TaskServerProtocol) -> None:
+        """Forget a closed connection."""
+        self.connections.discard(connection)
+        self.state_changed()
+        if not self.connections and self._closed:
+            waiters, self._closed = self._closed, []
+            for d in waiters:
+                d.callback(None)
+
+    def state_changed(self) -> None:
+        """Recompute capacity, telling the acceptor, and fire :meth:`drain` waiters."""
+        capacity = self.has_capacity
+        if capacity != self._had_capacity:
+            self._had_capacity = capacity
+            if self._capacity_changed is not None:
+                self._capacity_changed(capacity)
+        if self._drained and self.busy_connections == 0:
+            waiters, self._drained = self._drained, []
+            for d in waiters:
+                d.callback(None)
+
+    def drain(self) -> Deferred[None]:
+        """
+        :return: a Deferred that fires once no task is queued or running on any
+            connection, and no newly accepted connection is still awaiting its
+            first request.
+        """
+        if self.busy_connections == 0:
+            return defer.succeed(None)
+        d: Deferred[None] = Deferred()
+        self._drained.append(d)
+        return d
+
+    def close_all(self) -> Deferred[None]:
+        """
+        Close every connection once its pending replies are written.
+
+        :return: a Deferred that fires when all connections are closed.
+        """
+        if not self.connections:
+            return defer.succeed(None)
+        d: Deferred[None] = Deferred()
+        self._closed.append(d)
+        for connection in list(self.connections):
+            connection.transport.loseConnection()
+        return d
+
+    def run(
+        self, request: wire.Request, progress: Callable[[Any], None]
+    ) -> Deferred[wire.Result | wire.ErrorReply]:
+        """
+        Run one request's task.
+
+        :return: a Deferred firing with the final reply; it fails with
+            :class:`CancelledError` if cancelled.
+        """
+        try:
+            spec = self.registry.lookup(request.function)
+            bound = spec.bind(request.args, request.kwargs)
+        except wire.BadMessage as e:
+            return defer.succeed(
+                wire.ErrorReply(id=request.id, code=e.code, message=e.message)
+            )
+        if spec.wants_progress:
+            bound.arguments[PROGRESS_PARAMETER] = progress
+        timeout = request.timeout if request.timeout is not None else spec.timeout
+
+        def start() -> Deferred[Any]:
+            started = defer.maybeDeferred(spec.function, *bound.args, **bound.kwargs)
+            return started.addCallback(_await_coroutine)
+
+        d = self._slots.run(start)
+        if timeout is not None:
+            d.addTimeout(timeout, self.clock)
+
+        def succeeded(value: Any) -> wire.Result:
+            self.tasks_done += 1
+            return wire.Result(id=request.id, result=value)
+
+        def failed(failure: Failure) -> wire.ErrorReply | Failure:
+            self.tasks_done += 1
+            if failure.check(CancelledError):
+                return failure
+            if failure.check(TimeoutError):
+                return wire.ErrorReply(
+                    id=request.id,
+                    code=wire.TIMEOUT,
+                    message=f"{request.function} did not finish within {timeout} s",
+                )
+            self.log.failure(
+                "Task {function} (request {request_id}) failed",
+                failure,
+                level=LogLevel.warn,
+                function=request.function,
+                request_id=request.id,
+            )
+            return wire.ErrorReply(
+                id=request.id,
+                code=wire.TASK_FAILED,
+                message=failure.getErrorMessage(),
+                type=failure.type.__name__ if failure.type else None,
+            )
+
+        d.addCallbacks(succeeded, failed)
+        return d
+
+
+def _await_coroutine(value: Any) -> Any:
+    if hasattr(value, "__await__") and hasattr(value, "send"):
+        return Deferred.fromCoroutine(value)
+    return value
+
+
+@implementer(IReadDescriptor)
+class SharedSocketAcceptor:
+    """
+    Take connections from a listening socket shared with other processes, one per
+    wake-up, and only while the factory has capacity.
+
+    Twisted's own port accepts up to a hundred connections per wake-up, so one
+    process would grab a whole burst; accepting one at a time leaves the rest in
+    the shared queue for idle processes.
+
+    :param reactor: provides ``addReader``/``removeReader`` and
+        ``adoptStreamConnection``.
+    :param listening: the shared listening socket (non-blocking).
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, listening: socket.socket, factory: TaskServerFactory) -> None:
+        self._reactor = reactor
+        self._socket = listening
+        self._family = listening.family
+        self._factory = factory
+        self._reading = False
+        self._stopped = False
+        self._retry: IDelayedCall | None = None
+        self.accepted = 0
+
+    def set_capacity(self, has_capacity: bool) -> None:
+        """Start or stop reading as the factory gains or loses capacity."""
+        if has_capacity:
+            self.resume()
+        else:
+            self.pause()
+
+    def resume(self) -> None:
+        """Take connections again."""
+        if not self._reading and not self._stopped and self._retry is None:
+            self._reading = True
+            self._reactor.addReader(self)
+
+    def pause(self) -> None:
+        """Take no connection until :meth:`resume`."""
+        if self._reading:
+            self._reading = False
+            self._reactor.removeReader(self)
+
+    def stop(self) -> None:
+        """Take no more connections, ever, and close this process's copy of the socket."""
+        self.pause()
+        self._stopped = True
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        self._socket.close()
+
+    def fileno(self) -> int:
+        return self._socket.fileno()
+
+    def logPrefix(self) -> str:
+        return "SharedSocketAcceptor"
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._reading = False
+
+    def doRead(self) -> None:
+        try:
+            connection, _ = self._socket.accept()
+        except (BlockingIOError, InterruptedError):
+            return  # another process took it
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                # Out of descriptors or memory: back off instead of spinning.
+                self.log.warn("accept() failed: {error}; pausing for 1 s", error=e)
+                self.pause()
+                self._retry = self._reactor.callLater(1.0, self._retry_accept)
+                return
+            if e.errno == errno.ECONNABORTED:
+                return
+            raise
+        try:
+            connection.setblocking(False)
+            if self._family in (socket.AF_INET, socket.AF_INET6):
+                connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._reactor.adoptStreamConnection(connection.fileno(), self._family, self._factory)
+            self.accepted += 1
+        finally:
+            # adoptStreamConnection took its own duplicate of the descriptor.
+            connection.close()
+
+    def _retry_accept(self) -> None:
+        self._retry = None
+        if self._factory.has_capacity:
+            self.resume()
