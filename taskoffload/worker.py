@@ -59,7 +59,7 @@ class TaskServerProtocol(LineReceiver):
         self._running: _Job | None = None
         self._reservation: IDelayedCall | None = None
         self._closing = False
-        self.connected_at = 0.0
+        self._reject_when_busy = False
 
     # LineReceiver / IProtocol
 
@@ -78,6 +78,23 @@ class TaskServerProtocol(LineReceiver):
             return
         if isinstance(message, wire.Cancel):
             self._cancel(message.id)
+            return
+        if isinstance(message, wire.Session):
+            self._reject_when_busy = message.reject_when_busy
+            return
+        if self._reject_when_busy and self.idle and self.factory.at_limit:
+            # This process is busy with another connection's work; the client
+            # will send this request where a worker is free.
+            self._send(
+                wire.encode_reply(
+                    wire.ErrorReply(
+                        id=message.id,
+                        code=wire.OVERLOADED,
+                        message="this worker is busy; send the request to another",
+                        type=wire.WORKER_BUSY,
+                    )
+                )
+            )
             return
         if message.batch is not None:
             self._send(
@@ -154,10 +171,15 @@ class TaskServerProtocol(LineReceiver):
         job.done = True
         if self._running is job:
             self._running = None
-        if isinstance(outcome, Failure):
+        if isinstance(outcome, Failure) and outcome.check(CancelledError):
+            # CancelledError has no message, and ``type`` is for task_failed only.
+            outcome = wire.ErrorReply(
+                id=job.request.id, code=wire.CANCELLED, message="cancelled while it ran"
+            )
+        elif isinstance(outcome, Failure):
             outcome = wire.ErrorReply(
                 id=job.request.id,
-                code=wire.CANCELLED if outcome.check(CancelledError) else wire.TASK_FAILED,
+                code=wire.TASK_FAILED,
                 message=outcome.getErrorMessage(),
                 type=outcome.type.__name__ if outcome.type else None,
             )
@@ -243,6 +265,11 @@ class TaskServerFactory(Factory):
     def has_capacity(self) -> bool:
         """Fewer than ``concurrency`` connections are busy."""
         return self.busy_connections < self.concurrency
+
+    @property
+    def at_limit(self) -> bool:
+        """As many connections have work as ``concurrency`` allows."""
+        return self.running >= self.concurrency
 
     @property
     def running(self) -> int:

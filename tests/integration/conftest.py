@@ -190,3 +190,26 @@ class LineClient:
 
     def close(self) -> None:
         self.socket.close()
+
+
+def accepted_by_workers(tree: Twistd, local_ports: set[int]) -> bool:
+    """True once every client socket with one of ``local_ports`` is held by a worker."""
+    taken = set()
+    for pid in tree.worker_pids():
+        try:
+            connections = psutil.Process(pid).net_connections("tcp")
+        except psutil.NoSuchProcess:
+            continue
+        for conn in connections:
+            if conn.raddr and conn.raddr.port in local_ports:
+                taken.add(conn.raddr.port)
+    return taken == local_ports
+
+
+def client_ports(tree: Twistd, pool_port: int) -> set[int]:
+    """Local ports of this test process's TCP connections to ``pool_port``."""
+    return {
+        c.laddr.port
+        for c in psutil.Process().net_connections("tcp")
+        if c.raddr and c.raddr.port == pool_port and c.status == psutil.CONN_ESTABLISHED
+    }

@@ -1,0 +1,783 @@
+"""
+The client side of the worker port: :class:`TaskClient` sends tasks to a pool over
+reused connections and fires one Deferred per task with its result.
+
+Connections carry one request at a time (a worker runs one task at a time, so a
+second request on a busy connection would wait behind the first).  A call takes the
+most recently used idle connection, else opens a new one, else waits its turn; idle
+connections close after a short time so they do not pin workers.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Final
+
+import attrs
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, ITCPTransport
+from twisted.internet.protocol import ClientCreator, connectionDone
+from twisted.logger import Logger
+from twisted.protocols.basic import LineReceiver
+from twisted.python.failure import Failure
+from zope.interface import Interface, implementer
+
+from taskoffload import wire
+
+__all__ = [
+    "CONNECT_BACKOFF",
+    "DEFAULT_POOL",
+    "ITaskPool",
+    "PoolAddress",
+    "TaskClient",
+    "TaskClientProtocol",
+    "TaskError",
+]
+
+#: The worker port a pool listens on by default.
+DEFAULT_POOL: Final = "tcp:127.0.0.1:12345"
+
+#: Seconds an address is skipped after a connection attempt to it failed.
+CONNECT_BACKOFF: Final = 1.0
+
+# Slack when comparing reactor times, so float rounding never delays an expiry by
+# one more timer round.
+_EPSILON: Final = 1e-6
+
+_FOREVER: Final = float("inf")
+
+
+class TaskError(Exception):
+    """
+    A task did not produce a result: the error reply of the wire format, or the
+    same codes for what went wrong on the client's side (``timeout``,
+    ``cancelled``, ``worker_lost``).
+
+    :ivar code: one of :data:`taskoffload.wire.ERROR_CODES`.
+    :ivar message: what went wrong, for a person.
+    :ivar type: the exception class name for ``task_failed``, else ``None``.
+    """
+
+    def __init__(self, code: str, message: str, type: str | None = None) -> None:
+        super().__init__(code, message, type)
+        self.code = code
+        self.message = message
+        self.type = type
+
+    def __str__(self) -> str:
+        if self.type:
+            return f"{self.code} ({self.type}): {self.message}"
+        return f"{self.code}: {self.message}"
+
+    @classmethod
+    def from_reply(cls, reply: wire.ErrorReply) -> TaskError:
+        """
+        :return: the error an error reply stands for.
+        """
+        return cls(reply.code, reply.message, reply.type)
+
+    def to_reply(self, request_id: wire.RequestId) -> wire.ErrorReply:
+        """
+        :param request_id: the id the reply answers.
+        :return: this error as a wire-format error reply.
+        """
+        return wire.ErrorReply(id=request_id, code=self.code, message=self.message, type=self.type)
+
+
+class ITaskPool(Interface):
+    """Something that runs named tasks and tells the caller how they ended."""
+
+    def call(function: str, *args: Any, **kwargs: Any) -> Deferred[Any]:
+        """
+        Run ``function(*args, **kwargs)`` with the default timeout.
+
+        :return: a Deferred that fires with the task's result or fails with
+            :class:`TaskError`.
+        """
+
+    def send_task(
+        function: str,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+        on_progress: Callable[[Any], object] | None = None,
+    ) -> Deferred[Any]:
+        """
+        Run ``function(*args, **kwargs)``.
+
+        :param timeout: seconds to wait for the result, or ``None`` for the
+            pool's default.
+        :param on_progress: called with each progress value the task reports.
+        :return: a Deferred that fires with the task's result or fails with
+            :class:`TaskError`; cancelling it cancels the task.
+        """
+
+
+@attrs.frozen
+class PoolAddress:
+    """
+    Where a pool listens: ``tcp:HOST:PORT`` (or ``HOST:PORT``, IPv6 hosts in
+    brackets) or ``unix:PATH``.
+
+    :ivar kind: ``"tcp"`` or ``"unix"``.
+    """
+
+    kind: str
+    host: str = ""
+    port: int = 0
+    path: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> PoolAddress:
+        """
+        :raises ValueError: if ``text`` is not one of the accepted forms.
+        """
+        if text.startswith("unix:"):
+            if len(text) == 5:
+                raise ValueError(f"{text!r} is not a pool address: unix:PATH needs a path")
+            return cls(kind="unix", path=text[5:])
+        rest = text[4:] if text.startswith("tcp:") else text
+        host, _, port = rest.rpartition(":")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(
+                f"{text!r} is not a pool address: use tcp:HOST:PORT, HOST:PORT or unix:PATH"
+            )
+        return cls(kind="tcp", host=host, port=int(port))
+
+    def __str__(self) -> str:
+        if self.kind == "unix":
+            return f"unix:{self.path}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"tcp:{host}:{self.port}"
+
+
+# A call's life: queued (waiting for a connection), sent (on a connection, its
+# Deferred unfired), abandoned (still on a connection, but the caller has had its
+# answer: timeout, cancel, or a broken connection), finished.
+_QUEUED: Final = 0
+_SENT: Final = 1
+_ABANDONED: Final = 2
+_FINISHED: Final = 3
+
+
+class _Call:
+    """One task, from :meth:`TaskClient.send_task` to its final reply."""
+
+    deferred: Deferred[Any]
+
+    __slots__ = (
+        "args",
+        "connection",
+        "deadline",
+        "deferred",
+        "function",
+        "id",
+        "kwargs",
+        "on_progress",
+        "state",
+        "timeout",
+        "timer",
+    )
+
+    def __init__(
+        self,
+        request_id: int,
+        function: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        timeout: float | None,
+        on_progress: Callable[[Any], object] | None,
+    ) -> None:
+        self.id = request_id
+        self.function = function
+        self.args = args
+        self.kwargs = kwargs
+        self.timeout = timeout
+        self.on_progress = on_progress
+        self.deadline: float | None = None
+        self.timer: IDelayedCall | None = None
+        self.state = _QUEUED
+        self.connection: TaskClientProtocol | None = None
+
+
+class _Target:
+    """One pool address and the client's load on it."""
+
+    __slots__ = ("address", "busy", "connecting", "down_until", "error")
+
+    def __init__(self, address: PoolAddress) -> None:
+        self.address = address
+        #: Connections with a request on them, answered or not.
+        self.busy = 0
+        #: Connection attempts under way.
+        self.connecting = 0
+        #: Reactor time before which new connections go elsewhere.
+        self.down_until = 0.0
+        #: Why the last connection attempt failed, if it did.
+        self.error: str | None = None
+
+    def __str__(self) -> str:
+        return str(self.address)
+
+
+_SESSION: Final = wire.encode_session(wire.Session(reject_when_busy=True))
+
+
+class TaskClientProtocol(LineReceiver):
+    """
+    One connection to a pool: writes request and cancel lines, reads reply lines
+    and hands them to its :class:`TaskClient`, which owns all bookkeeping.
+
+    :ivar target: the address it is connected to.
+    :ivar call: the request on it, if any.
+    """
+
+    delimiter = b"\n"
+    MAX_LENGTH = wire.DEFAULT_MAX_MESSAGE
+
+    def __init__(self, client: TaskClient, target: _Target, max_message: int) -> None:
+        self.MAX_LENGTH = max_message
+        self.client = client
+        self.target = target
+        self.call: _Call | None = None
+        self.idle_since = 0.0
+        self.lost = False
+
+    def connectionMade(self) -> None:
+        if self.target.address.kind == "tcp":
+            # Requests and replies are single small writes; Nagle would hold each back.
+            transport = self.transport
+            if ITCPTransport.providedBy(transport):
+                transport.setTcpNoDelay(True)
+        # Ask a busy worker to hand requests back rather than queue them behind
+        # another connection's task (see wire.Session).
+        self.send(_SESSION)
+
+    def lineReceived(self, line: bytes) -> None:
+        try:
+            reply = wire.decode_reply(line)
+        except wire.BadMessage as e:
+            self.client._bad_reply(self, e.message)
+            return
+        self.client._reply_received(self, reply)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self.client._bad_reply(self, f"a reply longer than the limit of {self.MAX_LENGTH} bytes")
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.lost = True
+        self.client._connection_lost(self, reason)
+
+    def send(self, data: bytes) -> None:
+        """Write ``data`` to the connection."""
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def close(self) -> None:
+        """Close the connection once what was written is sent."""
+        assert self.transport is not None
+        self.transport.loseConnection()
+
+
+@implementer(ITaskPool)
+class TaskClient:
+    """
+    Run tasks on one or more worker pools over reused connections.
+
+    At most one request is in flight per connection.  A call takes the most
+    recently used idle connection, else opens a new one (to the address with the
+    fewest requests in flight, ties taken in turn) while fewer than
+    ``max_connections`` exist, else waits in line.  An address that refuses a
+    connection is skipped for :data:`CONNECT_BACKOFF` seconds; a request not yet
+    sent then goes to another address, and fails with ``worker_lost`` only when
+    every address has failed.  A request that was sent is never sent again.
+
+    Request ids are consecutive integers from 1, in the order of the calls.
+
+    :param reactor: provides ``IReactorTime`` and ``IReactorTCP``, and
+        ``IReactorUNIX`` for ``unix:`` addresses.
+    :param addresses: pool addresses, see :class:`PoolAddress`.
+    :param idle_timeout: seconds an unused connection stays open.
+    :param timeout: the default seconds to wait for a result, or ``None`` to wait
+        as long as it takes.
+    :param max_connections: bound on open and opening connections together.
+    :param max_message: longest reply line accepted, in bytes.
+    :param connect_timeout: seconds a connection attempt may take.
+    :raises ValueError: for an unreadable address or an out-of-range number.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        addresses: Sequence[str],
+        *,
+        idle_timeout: float = 2.0,
+        timeout: float | None = None,
+        max_connections: int = 1024,
+        max_message: int = wire.DEFAULT_MAX_MESSAGE,
+        connect_timeout: float = 5.0,
+    ) -> None:
+        if isinstance(addresses, str):
+            raise ValueError("addresses is a sequence of address strings, not one string")
+        if not addresses:
+            raise ValueError("a TaskClient needs at least one pool address")
+        if idle_timeout < 0:
+            raise ValueError("idle_timeout must not be negative")
+        if timeout is not None and not 0 < timeout < _FOREVER:
+            raise ValueError("timeout must be a positive number of seconds, or None")
+        if max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
+        if max_message < 1:
+            raise ValueError("max_message must be at least 1")
+        if not connect_timeout > 0:
+            raise ValueError("connect_timeout must be positive")
+        self._reactor = reactor
+        self._idle_timeout = idle_timeout
+        self._timeout = timeout
+        self._max_connections = max_connections
+        self._connect_timeout = connect_timeout
+        self._max_message = max_message
+        self._targets = [_Target(PoolAddress.parse(text)) for text in addresses]
+        self._next_target = 0
+        self._ids = itertools.count(1)
+        # Waiting calls, oldest first.  Calls that time out or are cancelled while
+        # waiting stay in the deque, marked finished, and are skipped when reached:
+        # removing them would cost a scan each.  ``_queued`` counts the live ones.
+        self._queue: deque[_Call] = deque()
+        self._queued = 0
+        # Idle connections, in the order they became idle: the newest is taken
+        # first, the oldest expires first, so one timer serves them all.
+        self._idle: deque[TaskClientProtocol] = deque()
+        self._idle_timer: IDelayedCall | None = None
+        self._connections: set[TaskClientProtocol] = set()
+        self._connects: set[Deferred[TaskClientProtocol]] = set()
+        self._closed = False
+        self._close_waiters: list[Deferred[None]] = []
+
+    # ITaskPool
+
+    def call(self, function: str, *args: Any, **kwargs: Any) -> Deferred[Any]:
+        """
+        Run ``function(*args, **kwargs)`` with the client's default timeout.
+
+        :return: a Deferred that fires with the result or fails with
+            :class:`TaskError`.
+        """
+        return self.send_task(function, args, kwargs)
+
+    def send_task(
+        self,
+        function: str,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+        on_progress: Callable[[Any], object] | None = None,
+    ) -> Deferred[Any]:
+        """
+        Run ``function(*args, **kwargs)``.
+
+        When ``timeout`` passes first, the Deferred fails with ``timeout`` and a
+        cancel is sent; cancelling the Deferred fails it with ``cancelled`` and
+        sends a cancel if the request was sent.  Either way the connection is
+        reused only after the worker's final reply.
+
+        :param function: the registered name of the task.
+        :param args: positional arguments; JSON-serializable.
+        :param kwargs: keyword arguments; JSON-serializable.
+        :param timeout: seconds to wait for the result, counted from now; ``None``
+            for the client's default.  It is sent along so the worker enforces it too.
+        :param on_progress: called with each progress value the task reports
+            before its result; what it raises is logged.
+        :return: a Deferred that fires with the result or fails with
+            :class:`TaskError`.
+        :raises ValueError: if ``timeout`` is not positive.
+        """
+        if timeout is None:
+            timeout = self._timeout
+        elif not 0 < timeout < _FOREVER:
+            raise ValueError("timeout must be a positive number of seconds")
+        if self._closed:
+            return defer.fail(TaskError(wire.WORKER_LOST, "client closed"))
+        call = _Call(
+            next(self._ids),
+            function,
+            tuple(args),
+            dict(kwargs) if kwargs else {},
+            timeout,
+            on_progress,
+        )
+        call.deferred = Deferred(functools.partial(self._cancel, call))
+        if timeout is not None:
+            call.deadline = self._reactor.seconds() + timeout
+            call.timer = self._reactor.callLater(timeout, self._timed_out, call)
+        if self._idle and not self._queued:
+            connection = self._idle.pop()
+            error = self._send(connection, call)
+            if error is not None:
+                self._idle.append(connection)
+                self._answer(call, error)
+        else:
+            self._queue.append(call)
+            self._queued += 1
+            self._dispatch()
+        return call.deferred
+
+    # Lifecycle
+
+    def close(self) -> Deferred[None]:
+        """
+        Close every connection and refuse new calls.  Calls waiting or in flight
+        fail with ``worker_lost`` ("client closed").
+
+        :return: a Deferred that fires when every connection is gone.
+        """
+        closed: Deferred[None] = Deferred()
+        self._close_waiters.append(closed)
+        if not self._closed:
+            self._closed = True
+            if self._idle_timer is not None:
+                self._idle_timer.cancel()
+                self._idle_timer = None
+            dropped = [call for call in self._queue if call.state == _QUEUED]
+            for call in dropped:
+                call.state = _FINISHED
+            self._queue.clear()
+            self._queued = 0
+            self._idle.clear()
+            for connection in list(self._connections):
+                sent = connection.call
+                if sent is not None and sent.state == _SENT:
+                    sent.state = _ABANDONED
+                    dropped.append(sent)
+                connection.close()
+            for connect in list(self._connects):
+                connect.cancel()
+            for call in dropped:
+                self._answer(call, TaskError(wire.WORKER_LOST, "client closed"))
+        self._check_closed()
+        return closed
+
+    # Sending
+
+    def _dispatch(self) -> None:
+        """Give waiting calls to idle connections, and open connections for the rest."""
+        while self._queued and self._idle:
+            self._use(self._idle.pop())
+        while (
+            self._queued > len(self._connects)
+            and len(self._connections) + len(self._connects) < self._max_connections
+        ):
+            target = self._choose_target()
+            if target is None:
+                self._fail_unserved()
+                return
+            self._connect(target)
+
+    def _use(self, connection: TaskClientProtocol) -> None:
+        """Send the oldest waiting call on a free connection, or let it idle."""
+        failed: list[tuple[_Call, TaskError]] = []
+        while self._queued:
+            call = self._queue.popleft()
+            if call.state != _QUEUED:
+                continue
+            self._queued -= 1
+            error = self._send(connection, call)
+            if error is None:
+                break
+            failed.append((call, error))
+        else:
+            self._queue.clear()
+            connection.idle_since = self._reactor.seconds()
+            self._idle.append(connection)
+            if self._idle_timer is None:
+                self._idle_timer = self._reactor.callLater(self._idle_timeout, self._expire_idle)
+        for call, error in failed:
+            self._answer(call, error)
+
+    def _send(self, connection: TaskClientProtocol, call: _Call) -> TaskError | None:
+        """
+        Write ``call``'s request on ``connection``.
+
+        :return: ``None``, or the error that kept the request from being written;
+            the connection is then untouched and the call still unanswered.
+        """
+        timeout = None
+        if call.deadline is not None:
+            # What is left of the caller's deadline, so the worker keeps the same one.
+            timeout = max(round(call.deadline - self._reactor.seconds(), 3), 0.001)
+        request = wire.Request(
+            id=call.id, function=call.function, args=call.args, kwargs=call.kwargs, timeout=timeout
+        )
+        try:
+            line = wire.encode_request(request)
+        except (TypeError, ValueError, RecursionError) as e:
+            call.state = _FINISHED
+            return TaskError(wire.BAD_REQUEST, f"the arguments cannot be sent as JSON: {e}")
+        call.state = _SENT
+        call.connection = connection
+        connection.call = call
+        connection.target.busy += 1
+        connection.send(line)
+        return None
+
+    def _answer(self, call: _Call, outcome: Any) -> None:
+        """Fire ``call``'s Deferred with a result or a :class:`TaskError`."""
+        if call.timer is not None:
+            call.timer.cancel()
+            call.timer = None
+        if isinstance(outcome, TaskError):
+            call.deferred.errback(outcome)
+        else:
+            call.deferred.callback(outcome)
+
+    def _timed_out(self, call: _Call) -> None:
+        call.timer = None
+        self._give_up(call, TaskError(wire.TIMEOUT, f"no reply within {call.timeout:g} seconds"))
+
+    def _cancel(self, call: _Call, deferred: Deferred[Any]) -> None:
+        self._give_up(call, TaskError(wire.CANCELLED, "cancelled by the caller"))
+
+    def _give_up(self, call: _Call, error: TaskError) -> None:
+        """Answer ``call`` with ``error`` now, and cancel it if it was sent."""
+        if call.state == _QUEUED:
+            call.state = _FINISHED
+            self._queued -= 1
+            if not self._queued:
+                self._queue.clear()
+        elif call.state == _SENT:
+            call.state = _ABANDONED
+            assert call.connection is not None
+            call.connection.send(wire.encode_cancel(wire.Cancel(id=call.id)))
+        else:
+            return
+        self._answer(call, error)
+
+    # Connections
+
+    def _choose_target(self) -> _Target | None:
+        """
+        :return: the address for a new connection: the one with the fewest
+            requests in flight and attempts under way, ties taken in turn, among
+            those not backing off; ``None`` if all are.
+        """
+        now = self._reactor.seconds()
+        count = len(self._targets)
+        best: _Target | None = None
+        best_index = 0
+        best_load = 0
+        for offset in range(count):
+            index = (self._next_target + offset) % count
+            target = self._targets[index]
+            if target.down_until > now:
+                continue
+            load = target.busy + target.connecting
+            if best is None or load < best_load:
+                best, best_index, best_load = target, index, load
+        if best is not None:
+            self._next_target = (best_index + 1) % count
+        return best
+
+    def _connect(self, target: _Target) -> None:
+        address = target.address
+        target.connecting += 1
+        creator = ClientCreator(self._reactor, TaskClientProtocol, self, target, self._max_message)
+        connecting: Deferred[TaskClientProtocol]
+        if address.kind == "unix":
+            connecting = creator.connectUNIX(address.path, timeout=self._connect_timeout)
+        else:
+            connecting = creator.connectTCP(
+                address.host, address.port, timeout=self._connect_timeout
+            )
+        self._connects.add(connecting)
+        connecting.addCallbacks(
+            self._connected,
+            self._connect_failed,
+            callbackArgs=(connecting, target),
+            errbackArgs=(connecting, target),
+        ).addErrback(self._log_failure, "Connection bookkeeping for {address} failed", target)
+
+    def _connected(
+        self,
+        connection: TaskClientProtocol,
+        connecting: Deferred[TaskClientProtocol],
+        target: _Target,
+    ) -> None:
+        if connection.lost:
+            # Closed by the other side before we got it: as good as refused.
+            self._connect_failed(Failure(ConnectionError("closed at once")), connecting, target)
+            return
+        self._connects.discard(connecting)
+        target.connecting -= 1
+        if self._closed:
+            connection.close()
+            self._check_closed()
+            return
+        target.down_until = 0.0
+        target.error = None
+        self._connections.add(connection)
+        self._use(connection)
+
+    def _connect_failed(
+        self, reason: Failure, connecting: Deferred[TaskClientProtocol], target: _Target
+    ) -> None:
+        self._connects.discard(connecting)
+        target.connecting -= 1
+        if self._closed:
+            self._check_closed()
+            return
+        target.down_until = self._reactor.seconds() + CONNECT_BACKOFF
+        target.error = reason.getErrorMessage()
+        self.log.warn(
+            "Could not connect to {address}: {error}", address=str(target), error=target.error
+        )
+        self._dispatch()
+
+    def _fail_unserved(self) -> None:
+        """Every address is backing off: fail the waiting calls no connection is coming for."""
+        message = (
+            "; ".join(
+                f"could not connect to {target}: {target.error}"
+                for target in self._targets
+                if target.error is not None
+            )
+            or "no pool address is available"
+        )
+        unserved = self._queued - len(self._connects)
+        failed: list[_Call] = []
+        # The newest calls go: the oldest are first in line for what connects.
+        while unserved > 0:
+            call = self._queue.pop()
+            if call.state != _QUEUED:
+                continue
+            call.state = _FINISHED
+            self._queued -= 1
+            unserved -= 1
+            failed.append(call)
+        if not self._queued:
+            self._queue.clear()
+        for call in failed:
+            self._answer(call, TaskError(wire.WORKER_LOST, message))
+
+    def _expire_idle(self) -> None:
+        """Close the connections idle for ``idle_timeout``; wait for the next one."""
+        self._idle_timer = None
+        now = self._reactor.seconds()
+        while self._idle and self._idle[0].idle_since + self._idle_timeout <= now + _EPSILON:
+            self._idle.popleft().close()
+        if self._idle:
+            delay = self._idle[0].idle_since + self._idle_timeout - now
+            self._idle_timer = self._reactor.callLater(max(delay, 0.0), self._expire_idle)
+
+    def _log_failure(self, failure: Failure, message: str, target: _Target) -> None:
+        self.log.failure(message, failure, address=str(target))
+
+    def _check_closed(self) -> None:
+        if self._closed and not self._connections and not self._connects:
+            waiters, self._close_waiters = self._close_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    # Called by TaskClientProtocol
+
+    def _reply_received(self, connection: TaskClientProtocol, reply: wire.Reply) -> None:
+        call = connection.call
+        if call is None or (
+            reply.id != call.id and not (reply.id is None and type(reply) is wire.ErrorReply)
+        ):
+            # An id-less error answers a request the worker could not read at all.
+            self._bad_reply(connection, f"a reply to request {reply.id!r}, which is not in flight")
+            return
+        if type(reply) is wire.Progress:
+            if call.state == _SENT and call.on_progress is not None:
+                try:
+                    call.on_progress(reply.progress)
+                except Exception:
+                    self.log.failure("on_progress of {function!r} raised", function=call.function)
+            return
+        connection.call = None
+        connection.target.busy -= 1
+        state = call.state
+        call.connection = None
+        if (
+            type(reply) is wire.ErrorReply
+            and reply.code == wire.OVERLOADED
+            and reply.type == wire.WORKER_BUSY
+        ):
+            # The request did not run: this connection's worker is busy with other
+            # work.  Drop the connection (an idle worker accepts the next one) and
+            # send the request again, ahead of the calls waiting.
+            self._retire(connection)
+            if state == _SENT and not self._closed:
+                call.state = _QUEUED
+                self._queue.appendleft(call)
+                self._queued += 1
+                self._dispatch()
+            else:
+                call.state = _FINISHED
+            return
+        call.state = _FINISHED
+        # Free the connection first so that waiting calls keep their place in line
+        # ahead of any call the caller makes when its Deferred fires.
+        if not self._closed:
+            self._use(connection)
+        if state == _SENT:
+            if type(reply) is wire.Result:
+                self._answer(call, reply.result)
+            else:
+                assert isinstance(reply, wire.ErrorReply)
+                self._answer(call, TaskError.from_reply(reply))
+
+    def _retire(self, connection: TaskClientProtocol) -> None:
+        """Close a connection that has nothing in flight, and stop counting it."""
+        self._connections.discard(connection)
+        if connection in self._idle:
+            self._idle.remove(connection)
+        connection.close()
+
+    def _bad_reply(self, connection: TaskClientProtocol, why: str) -> None:
+        self.log.warn(
+            "Dropping the connection to {address} after a bad reply: {why}",
+            address=str(connection.target),
+            why=why,
+        )
+        if connection in self._idle:
+            self._idle.remove(connection)
+        connection.close()
+        call = connection.call
+        if call is not None and call.state == _SENT:
+            call.state = _ABANDONED
+            message = f"bad reply from {connection.target}: {why}"
+            self._answer(call, TaskError(wire.WORKER_LOST, message))
+
+    def _connection_lost(self, connection: TaskClientProtocol, reason: Failure) -> None:
+        if connection not in self._connections:
+            # Never handed to us (lost while connecting), or already forgotten.
+            return
+        self._connections.discard(connection)
+        if connection in self._idle:
+            self._idle.remove(connection)
+        call = connection.call
+        if call is not None:
+            connection.call = None
+            connection.target.busy -= 1
+            state = call.state
+            call.state = _FINISHED
+            call.connection = None
+        if self._closed:
+            self._check_closed()
+        else:
+            self._dispatch()
+        if call is not None and state == _SENT:
+            message = (
+                f"lost the connection to {connection.target} with the request in flight: "
+                f"{reason.getErrorMessage()}"
+            )
+            self._answer(call, TaskError(wire.WORKER_LOST, message))

@@ -1,0 +1,815 @@
+"""
+Unit tests for :mod:`taskoffload.client`: a ``MemoryReactorClock`` records each
+connection attempt, and the tests play the worker by building the protocol,
+attaching a ``StringTransport`` and feeding it reply lines.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+import pytest
+from twisted.internet import error
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.interfaces import ITCPTransport
+from twisted.internet.protocol import ClientFactory
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import capturedLogs
+from twisted.python.failure import Failure
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from taskoffload import wire
+from taskoffload.client import ITaskPool, PoolAddress, TaskClient, TaskError
+
+ADDRESS = "tcp:127.0.0.1:12345"
+
+
+@implementer(ITCPTransport)
+class TCPStringTransport(StringTransport):
+    """A ``StringTransport`` that records ``setTcpNoDelay``."""
+
+    no_delay = False
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        self.no_delay = enabled
+
+    def getTcpNoDelay(self) -> bool:
+        return self.no_delay
+
+    def setTcpKeepAlive(self, enabled: bool) -> None:
+        pass
+
+    def getTcpKeepAlive(self) -> bool:
+        return False
+
+    def loseWriteConnection(self) -> None:
+        pass
+
+
+class Worker:
+    """The worker's end of one client connection."""
+
+    def __init__(self, protocol: Any, transport: StringTransport) -> None:
+        self.protocol = protocol
+        self.transport = transport
+
+    def received(self) -> list[dict[str, Any]]:
+        """Every message the client wrote after its session line, decoded."""
+        lines = [orjson.loads(line) for line in self.transport.value().splitlines()]
+        assert lines[0] == {"session": {"reject_when_busy": True}}
+        return lines[1:]
+
+    def reply(self, message: dict[str, Any]) -> None:
+        """Send one reply line to the client."""
+        self.protocol.dataReceived(orjson.dumps(message) + b"\n")
+
+    def answer(self, result: Any = None) -> None:
+        """Send a result for the last request the client wrote."""
+        request_id = [m for m in self.received() if "function" in m][-1]["id"]
+        self.reply({"id": request_id, "result": result})
+
+    def drop(self, reason: Exception | None = None) -> None:
+        """The connection goes away."""
+        self.protocol.connectionLost(Failure(reason or ConnectionDone()))
+
+    @property
+    def closing(self) -> bool:
+        """The client asked to close the connection."""
+        return bool(self.transport.disconnecting)
+
+
+class Pool:
+    """A client over a memory reactor, and the means to play its workers."""
+
+    def __init__(self, addresses: Sequence[str] = (ADDRESS,), **options: Any) -> None:
+        self.reactor = MemoryReactorClock()
+        self.client = TaskClient(self.reactor, list(addresses), **options)
+
+    @property
+    def attempts(self) -> list[str]:
+        """``host:port`` of every TCP connection attempt so far, in order."""
+        return [f"{host}:{port}" for host, port, *_ in self.reactor.tcpClients]
+
+    def accept(self, index: int = -1) -> Worker:
+        """Let connection attempt ``index`` succeed."""
+        host, port, factory, *_ = self.reactor.tcpClients[index]
+        protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
+        assert protocol is not None
+        transport = TCPStringTransport()
+        protocol.makeConnection(transport)
+        # ClientCreator hands the protocol over on the next reactor turn.
+        self.reactor.advance(0)
+        return Worker(protocol, transport)
+
+    def refuse(self, index: int = -1) -> None:
+        """Let connection attempt ``index`` be refused."""
+        factory = self.reactor.tcpClients[index][2]
+        assert isinstance(factory, ClientFactory)
+        connector = self.reactor.connectors[index]
+        factory.clientConnectionFailed(connector, Failure(error.ConnectionRefusedError()))
+        self.reactor.advance(0)
+
+
+class Outcome:
+    """What a Deferred fired with, caught as it fires."""
+
+    def __init__(self, deferred: Deferred[Any]) -> None:
+        self.fired = False
+        self.value: Any = None
+        deferred.addBoth(self._fire)
+
+    def _fire(self, value: Any) -> None:
+        self.fired = True
+        self.value = value
+
+    @property
+    def result(self) -> Any:
+        """The result; fails the test if there is none."""
+        assert self.fired, "the Deferred has not fired"
+        assert not isinstance(self.value, Failure), self.value
+        return self.value
+
+    @property
+    def error(self) -> TaskError:
+        """The :class:`TaskError`; fails the test if there is none."""
+        assert self.fired, "the Deferred has not fired"
+        assert isinstance(self.value, Failure), f"fired with {self.value!r}"
+        assert isinstance(self.value.value, TaskError), self.value
+        return self.value.value
+
+
+# Results, errors, progress
+
+
+def test_result() -> None:
+    """A call writes one request line and fires with the result of its reply."""
+    pool = Pool()
+    outcome = Outcome(pool.client.call("add", 1, 2, carry=True))
+    worker = pool.accept()
+    assert worker.received() == [
+        {"id": 1, "function": "add", "args": [1, 2], "kwargs": {"carry": True}}
+    ]
+    assert not outcome.fired
+    worker.reply({"id": 1, "result": 3})
+    assert outcome.result == 3
+
+
+def test_keyword_arguments() -> None:
+    """A call with keywords only sends them as the ``args`` object."""
+    pool = Pool()
+    pool.client.call("send_mail", to="a@example.org")
+    worker = pool.accept()
+    assert worker.received() == [
+        {"id": 1, "function": "send_mail", "args": {"to": "a@example.org"}}
+    ]
+
+
+def test_request_ids_increase() -> None:
+    """Each call gets the next integer id, from 1."""
+    pool = Pool()
+    pool.client.call("noop")
+    pool.client.call("noop")
+    ids = [pool.accept(i).received()[0]["id"] for i in range(2)]
+    assert ids == [1, 2]
+
+
+def test_error_reply() -> None:
+    """An error reply fails the call with a TaskError carrying its code, message and type."""
+    pool = Pool()
+    outcome = Outcome(pool.client.call("send_mail"))
+    worker = pool.accept()
+    worker.reply(
+        {
+            "id": 1,
+            "error": {"code": "task_failed", "message": "SMTP 550", "type": "SMTPError"},
+        }
+    )
+    error = outcome.error
+    assert (error.code, error.message, error.type) == ("task_failed", "SMTP 550", "SMTPError")
+    assert str(error) == "task_failed (SMTPError): SMTP 550"
+
+
+def test_error_without_type() -> None:
+    """An error reply without a type gives a TaskError whose type is None."""
+    pool = Pool()
+    outcome = Outcome(pool.client.call("nope"))
+    pool.accept().reply({"id": 1, "error": {"code": "unknown_function", "message": "no nope"}})
+    assert outcome.error.type is None
+    assert str(outcome.error) == "unknown_function: no nope"
+
+
+def test_idless_error_answers_request_in_flight() -> None:
+    """An error with a null id (the worker could not read the request) answers the call."""
+    pool = Pool()
+    outcome = Outcome(pool.client.call("big"))
+    pool.accept().reply({"id": None, "error": {"code": "bad_request", "message": "too long"}})
+    assert outcome.error.code == wire.BAD_REQUEST
+
+
+def test_progress() -> None:
+    """Progress messages go to on_progress, in order, before the result."""
+    pool = Pool()
+    seen: list[Any] = []
+    outcome = Outcome(pool.client.send_task("count", on_progress=seen.append))
+    worker = pool.accept()
+    worker.reply({"id": 1, "progress": {"done": 1}})
+    worker.reply({"id": 1, "progress": {"done": 2}})
+    assert seen == [{"done": 1}, {"done": 2}]
+    assert not outcome.fired
+    worker.reply({"id": 1, "result": "ok"})
+    assert outcome.result == "ok"
+
+
+def test_progress_without_callback() -> None:
+    """Progress for a call without on_progress is dropped and the call still completes."""
+    pool = Pool()
+    outcome = Outcome(pool.client.call("count"))
+    worker = pool.accept()
+    worker.reply({"id": 1, "progress": 50})
+    worker.answer("ok")
+    assert outcome.result == "ok"
+
+
+def test_progress_callback_error_is_logged() -> None:
+    """An exception from on_progress is logged and does not disturb the call."""
+    pool = Pool()
+
+    def broken(value: Any) -> None:
+        raise RuntimeError("oops")
+
+    outcome = Outcome(pool.client.send_task("count", on_progress=broken))
+    worker = pool.accept()
+    with capturedLogs() as events:
+        worker.reply({"id": 1, "progress": 1})
+    assert any(e.get("log_failure") is not None for e in events)
+    worker.answer(7)
+    assert outcome.result == 7
+
+
+def test_unserializable_arguments() -> None:
+    """Arguments JSON cannot carry fail the call with bad_request, and nothing is sent."""
+    pool = Pool()
+    first = Outcome(pool.client.call("noop"))
+    worker = pool.accept()
+    worker.answer()
+    assert first.fired
+    outcome = Outcome(pool.client.call("noop", object()))
+    assert outcome.error.code == wire.BAD_REQUEST
+    later = Outcome(pool.client.call("noop"))
+    assert [m["id"] for m in worker.received()] == [1, 3]
+    worker.answer("fine")
+    assert later.result == "fine"
+
+
+def test_provides_itaskpool() -> None:
+    """TaskClient provides ITaskPool."""
+    assert verifyObject(ITaskPool, Pool().client)
+
+
+# Connections
+
+
+def test_tcp_nodelay() -> None:
+    """TCP connections have TCP_NODELAY set."""
+    pool = Pool()
+    pool.client.call("noop")
+    worker = pool.accept()
+    assert isinstance(worker.transport, TCPStringTransport)
+    assert worker.transport.no_delay
+
+
+def test_unix_address() -> None:
+    """A unix: address connects to that socket path."""
+    reactor = MemoryReactorClock()
+    client = TaskClient(reactor, ["unix:/run/pool.sock"], connect_timeout=3)
+    client.call("noop")
+    assert [(path, timeout) for path, _, timeout, _ in reactor.unixClients] == [
+        ("/run/pool.sock", 3)
+    ]
+
+
+def test_connection_reused() -> None:
+    """A call after the previous one finished reuses its connection."""
+    pool = Pool()
+    first = Outcome(pool.client.call("noop"))
+    worker = pool.accept()
+    worker.answer(1)
+    second = Outcome(pool.client.call("noop"))
+    assert len(pool.attempts) == 1
+    assert [m["id"] for m in worker.received()] == [1, 2]
+    worker.answer(2)
+    assert (first.result, second.result) == (1, 2)
+
+
+def test_one_request_per_connection() -> None:
+    """Two calls at once go over two connections."""
+    pool = Pool()
+    first = Outcome(pool.client.call("noop"))
+    second = Outcome(pool.client.call("noop"))
+    assert len(pool.attempts) == 2
+    one, two = pool.accept(0), pool.accept(1)
+    assert len(one.received()) == len(two.received()) == 1
+    one.answer("a")
+    two.answer("b")
+    assert {first.result, second.result} == {"a", "b"}
+
+
+def test_most_recently_used_first() -> None:
+    """An idle connection is taken most recently used first."""
+    pool = Pool()
+    pool.client.call("noop")
+    pool.client.call("noop")
+    one, two = pool.accept(0), pool.accept(1)
+    one.answer()
+    two.answer()
+    pool.client.call("noop")
+    assert len(two.received()) == 2
+    assert len(one.received()) == 1
+
+
+def test_max_connections_queue() -> None:
+    """Beyond max_connections, calls wait and are sent in call order as connections free up."""
+    pool = Pool(max_connections=1)
+    outcomes = [Outcome(pool.client.call("noop", n)) for n in range(3)]
+    assert len(pool.attempts) == 1
+    worker = pool.accept()
+    for n in range(3):
+        assert [m["args"] for m in worker.received()] == [[k] for k in range(n + 1)]
+        worker.answer(n)
+    assert [o.result for o in outcomes] == [0, 1, 2]
+    assert len(pool.attempts) == 1
+
+
+def test_connection_counts_while_connecting() -> None:
+    """Connections still being opened count toward max_connections."""
+    pool = Pool(max_connections=2)
+    for _ in range(5):
+        pool.client.call("noop")
+    assert len(pool.attempts) == 2
+
+
+def test_idle_close() -> None:
+    """A connection idle for idle_timeout seconds is closed, and the next call opens a new one."""
+    pool = Pool(idle_timeout=2.0)
+    pool.client.call("noop")
+    worker = pool.accept()
+    worker.answer()
+    pool.reactor.advance(1.9)
+    assert not worker.closing
+    pool.reactor.advance(0.1)
+    assert worker.closing
+    worker.drop()
+    pool.client.call("noop")
+    assert len(pool.attempts) == 2
+
+
+def test_idle_time_restarts_on_use() -> None:
+    """Using a connection restarts its idle time."""
+    pool = Pool(idle_timeout=2.0)
+    pool.client.call("noop")
+    worker = pool.accept()
+    worker.answer()
+    pool.reactor.advance(1.5)
+    pool.client.call("noop")
+    worker.answer()
+    pool.reactor.advance(1.5)
+    assert not worker.closing
+    pool.reactor.advance(0.5)
+    assert worker.closing
+
+
+def test_idle_close_oldest_first() -> None:
+    """Each idle connection closes idle_timeout after it became idle, not before."""
+    pool = Pool(idle_timeout=2.0)
+    pool.client.call("noop")
+    pool.client.call("noop")
+    one, two = pool.accept(0), pool.accept(1)
+    one.answer()
+    pool.reactor.advance(1.0)
+    two.answer()
+    pool.reactor.advance(1.0)
+    assert (one.closing, two.closing) == (True, False)
+    pool.reactor.advance(1.0)
+    assert two.closing
+
+
+def test_busy_connection_not_closed_when_idle_time_passes() -> None:
+    """A connection with a request in flight is not closed by the idle timer."""
+    pool = Pool(idle_timeout=2.0)
+    outcome = Outcome(pool.client.call("slow"))
+    worker = pool.accept()
+    pool.reactor.advance(10)
+    assert not worker.closing
+    worker.answer("done")
+    assert outcome.result == "done"
+
+
+# Deadlines and cancellation
+
+
+def test_timeout() -> None:
+    """A call with no reply by its timeout fails with timeout and sends a cancel."""
+    pool = Pool()
+    outcome = Outcome(pool.client.send_task("slow", timeout=5))
+    worker = pool.accept()
+    assert worker.received()[0]["timeout"] == 5
+    pool.reactor.advance(4.9)
+    assert not outcome.fired
+    pool.reactor.advance(0.1)
+    assert outcome.error.code == wire.TIMEOUT
+    assert worker.received()[-1] == {"cancel": 1}
+
+
+def test_timed_out_connection_busy_until_final_reply() -> None:
+    """After a timeout the connection is reused only once the worker's final reply arrives."""
+    pool = Pool()
+    outcome = Outcome(pool.client.send_task("slow", timeout=5))
+    worker = pool.accept()
+    pool.reactor.advance(5)
+    assert outcome.error.code == wire.TIMEOUT
+    pool.client.call("noop")
+    assert len(pool.attempts) == 2
+    pool.accept(1).answer()
+    worker.reply({"id": 1, "error": {"code": "cancelled", "message": "cancelled"}})
+    assert outcome.error.code == wire.TIMEOUT
+    third = Outcome(pool.client.call("noop"))
+    assert len(pool.attempts) == 2
+    assert worker.received()[-1]["id"] == 3
+    worker.answer("late but fine")
+    assert third.result == "late but fine"
+
+
+def test_default_timeout() -> None:
+    """The client's timeout applies to calls that give none."""
+    pool = Pool(timeout=3)
+    outcome = Outcome(pool.client.call("slow"))
+    worker = pool.accept()
+    assert worker.received()[0]["timeout"] == 3
+    pool.reactor.advance(3)
+    assert outcome.error.code == wire.TIMEOUT
+
+
+def test_timeout_counts_time_waiting() -> None:
+    """A request that waited for a connection carries only what is left of its timeout."""
+    pool = Pool()
+    pool.client.send_task("slow", timeout=10)
+    pool.reactor.advance(4)
+    assert pool.accept().received()[0]["timeout"] == 6
+
+
+def test_timeout_while_waiting() -> None:
+    """A call that times out before it is sent fails with timeout and is never sent."""
+    pool = Pool(max_connections=1)
+    pool.client.call("slow")
+    waiting = Outcome(pool.client.send_task("noop", timeout=1))
+    worker = pool.accept()
+    pool.reactor.advance(1)
+    assert waiting.error.code == wire.TIMEOUT
+    worker.answer()
+    assert [m["id"] for m in worker.received()] == [1]
+
+
+def test_no_timeout_error_after_result() -> None:
+    """A result before the timeout stops the timer."""
+    pool = Pool()
+    outcome = Outcome(pool.client.send_task("quick", timeout=1))
+    worker = pool.accept()
+    worker.answer("ok")
+    pool.reactor.advance(5)
+    assert outcome.result == "ok"
+    assert len(worker.received()) == 1
+
+
+def test_cancel_after_send() -> None:
+    """Cancelling a sent call fails it with cancelled at once and sends a cancel."""
+    pool = Pool()
+    deferred = pool.client.call("slow")
+    outcome = Outcome(deferred)
+    worker = pool.accept()
+    deferred.cancel()
+    assert outcome.error.code == wire.CANCELLED
+    assert worker.received()[-1] == {"cancel": 1}
+    pool.client.call("noop")
+    assert len(pool.attempts) == 2, "the cancelled call's connection is still busy"
+    pool.accept(1).answer()
+    worker.reply({"id": 1, "error": {"code": "cancelled", "message": "cancelled"}})
+    pool.client.call("noop")
+    assert len(pool.attempts) == 2
+    assert worker.received()[-1]["id"] == 3
+
+
+def test_cancel_while_connecting() -> None:
+    """Cancelling a call before it is sent fails it with cancelled and never sends it."""
+    pool = Pool()
+    deferred = pool.client.call("slow")
+    outcome = Outcome(deferred)
+    deferred.cancel()
+    assert outcome.error.code == wire.CANCELLED
+    worker = pool.accept()
+    assert worker.received() == []
+    pool.client.call("noop")
+    assert worker.received()[0]["id"] == 2
+
+
+def test_cancel_while_queued() -> None:
+    """Cancelling a call waiting for a connection removes it from the line."""
+    pool = Pool(max_connections=1)
+    pool.client.call("first")
+    deferred = pool.client.call("second")
+    third = Outcome(pool.client.call("third"))
+    outcome = Outcome(deferred)
+    deferred.cancel()
+    assert outcome.error.code == wire.CANCELLED
+    worker = pool.accept()
+    worker.answer()
+    assert [m["function"] for m in worker.received()] == ["first", "third"]
+    worker.answer("3")
+    assert third.result == "3"
+
+
+# Connection loss and connection failures
+
+
+def test_connection_lost() -> None:
+    """A lost connection fails its call with worker_lost; a call on another connection goes on."""
+    pool = Pool()
+    lost = Outcome(pool.client.call("crash"))
+    fine = Outcome(pool.client.call("noop"))
+    one, two = pool.accept(0), pool.accept(1)
+    one.drop(ConnectionLost("gone"))
+    assert lost.error.code == wire.WORKER_LOST
+    assert "127.0.0.1:12345" in lost.error.message
+    assert not fine.fired
+    two.answer("ok")
+    assert fine.result == "ok"
+
+
+def test_lost_connection_not_reused() -> None:
+    """After an idle connection is lost, the next call opens a new one."""
+    pool = Pool()
+    pool.client.call("noop")
+    worker = pool.accept()
+    worker.answer()
+    worker.drop()
+    pool.client.call("noop")
+    assert len(pool.attempts) == 2
+
+
+def test_lost_connection_frees_its_slot() -> None:
+    """A lost connection makes room for a waiting call under max_connections."""
+    pool = Pool(max_connections=1)
+    pool.client.call("crash")
+    waiting = Outcome(pool.client.call("noop"))
+    pool.accept().drop()
+    assert len(pool.attempts) == 2
+    pool.accept(1).answer("ok")
+    assert waiting.result == "ok"
+
+
+def test_connect_failure() -> None:
+    """A refused connection fails the call waiting for it with worker_lost."""
+    pool = Pool()
+    outcome = Outcome(pool.client.call("noop"))
+    pool.refuse()
+    assert outcome.error.code == wire.WORKER_LOST
+    assert outcome.error.message.startswith("could not connect to tcp:127.0.0.1:12345: ")
+
+
+def test_backoff_after_refused() -> None:
+    """For a second after a refused connection, calls fail without a new attempt."""
+    pool = Pool()
+    pool.client.call("noop")
+    pool.refuse()
+    soon = Outcome(pool.client.call("noop"))
+    assert soon.error.code == wire.WORKER_LOST
+    assert len(pool.attempts) == 1
+    pool.reactor.advance(1)
+    later = Outcome(pool.client.call("noop"))
+    assert len(pool.attempts) == 2
+    pool.accept().answer("ok")
+    assert later.result == "ok"
+
+
+def test_bad_reply() -> None:
+    """A reply that is not JSON drops the connection and fails its call with worker_lost."""
+    pool = Pool()
+    outcome = Outcome(pool.client.call("noop"))
+    worker = pool.accept()
+    with capturedLogs() as events:
+        worker.protocol.dataReceived(b"not json\n")
+    assert outcome.error.code == wire.WORKER_LOST
+    assert worker.closing
+    assert any("bad reply" in e.get("log_format", "") for e in events)
+    worker.drop()
+    pool.client.call("noop")
+    assert len(pool.attempts) == 2
+
+
+def test_reply_for_other_request() -> None:
+    """A reply to a request not in flight on the connection is a bad reply."""
+    pool = Pool()
+    outcome = Outcome(pool.client.call("noop"))
+    worker = pool.accept()
+    worker.reply({"id": 99, "result": 1})
+    assert outcome.error.code == wire.WORKER_LOST
+    assert worker.closing
+
+
+def test_oversize_reply() -> None:
+    """A reply longer than max_message drops the connection with worker_lost."""
+    pool = Pool(max_message=100)
+    outcome = Outcome(pool.client.call("big"))
+    worker = pool.accept()
+    worker.reply({"id": 1, "result": "x" * 200})
+    assert outcome.error.code == wire.WORKER_LOST
+    assert "longer than" in outcome.error.message
+    assert worker.closing
+
+
+# Several addresses
+
+
+def test_new_connections_go_round_robin() -> None:
+    """With equal load, new connections go to each address in turn."""
+    pool = Pool(["tcp:a:1", "tcp:b:2"])
+    for _ in range(4):
+        pool.client.call("noop")
+    assert pool.attempts == ["a:1", "b:2", "a:1", "b:2"]
+
+
+def test_least_outstanding_address() -> None:
+    """A new connection goes to the address with the fewest requests in flight."""
+    pool = Pool(["tcp:a:1", "tcp:b:2"])
+    pool.client.call("slow")
+    pool.client.call("quick")
+    pool.accept(0)
+    b = pool.accept(1)
+    b.answer()
+    b.drop()
+    # a has one request in flight, b none: b wins although a is next in turn.
+    pool.client.call("noop")
+    assert pool.attempts[-1] == "b:2"
+
+
+def test_failover_on_refused() -> None:
+    """A call whose connection is refused is sent to another address instead."""
+    pool = Pool(["tcp:a:1", "tcp:b:2"])
+    outcome = Outcome(pool.client.call("noop"))
+    assert pool.attempts == ["a:1"]
+    pool.refuse(0)
+    assert not outcome.fired
+    assert pool.attempts == ["a:1", "b:2"]
+    pool.accept(1).answer("from b")
+    assert outcome.result == "from b"
+
+
+def test_refused_address_skipped_for_a_while() -> None:
+    """An address that refused is skipped for a second, then tried again."""
+    pool = Pool(["tcp:a:1", "tcp:b:2"])
+    pool.client.call("noop")
+    pool.refuse(0)
+    pool.accept(1)
+    pool.client.call("noop")
+    assert pool.attempts[-1] == "b:2"
+    pool.reactor.advance(1)
+    pool.client.call("noop")
+    assert pool.attempts[-1] == "a:1"
+
+
+def test_all_addresses_refused() -> None:
+    """A call fails with worker_lost only when every address refused, naming each."""
+    pool = Pool(["tcp:a:1", "tcp:b:2"])
+    outcome = Outcome(pool.client.call("noop"))
+    pool.refuse(0)
+    assert not outcome.fired
+    pool.refuse(1)
+    assert outcome.error.code == wire.WORKER_LOST
+    assert "could not connect to tcp:a:1" in outcome.error.message
+    assert "could not connect to tcp:b:2" in outcome.error.message
+
+
+# Closing
+
+
+def test_close() -> None:
+    """close() fails calls in flight, closes every connection, and fires when all are gone."""
+    pool = Pool()
+    pool.client.call("noop")
+    in_flight = Outcome(pool.client.call("slow"))
+    idle, busy = pool.accept(0), pool.accept(1)
+    idle.answer()
+    closed = Outcome(pool.client.close())
+    assert in_flight.error.code == wire.WORKER_LOST
+    assert in_flight.error.message == "client closed"
+    assert idle.closing
+    assert busy.closing
+    assert not closed.fired
+    idle.drop()
+    assert not closed.fired
+    busy.drop()
+    assert closed.fired
+
+
+def test_close_fails_waiting_calls() -> None:
+    """close() fails calls still waiting for a connection."""
+    pool = Pool(max_connections=1)
+    pool.client.call("slow")
+    waiting = Outcome(pool.client.call("noop"))
+    worker = pool.accept()
+    pool.client.close()
+    assert waiting.error.message == "client closed"
+    worker.drop()
+    assert [m["function"] for m in worker.received()] == ["slow"]
+
+
+def test_call_after_close() -> None:
+    """A call after close() fails with worker_lost and opens no connection."""
+    pool = Pool()
+    pool.client.close()
+    outcome = Outcome(pool.client.call("noop"))
+    assert outcome.error.code == wire.WORKER_LOST
+    assert pool.attempts == []
+
+
+def test_close_with_nothing_open() -> None:
+    """close() on a client with no connections fires at once."""
+    assert Outcome(Pool().client.close()).fired
+
+
+def test_close_cancels_connection_attempts() -> None:
+    """close() abandons connection attempts under way and fires without waiting for them."""
+    pool = Pool()
+    outcome = Outcome(pool.client.call("noop"))
+    closed = Outcome(pool.client.close())
+    assert closed.fired
+    assert outcome.error.message == "client closed"
+
+
+# Addresses
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("tcp:127.0.0.1:12345", PoolAddress("tcp", host="127.0.0.1", port=12345)),
+        ("example.org:80", PoolAddress("tcp", host="example.org", port=80)),
+        ("tcp:[::1]:8000", PoolAddress("tcp", host="::1", port=8000)),
+        ("unix:/run/pool.sock", PoolAddress("unix", path="/run/pool.sock")),
+    ],
+)
+def test_parse_address(text: str, expected: PoolAddress) -> None:
+    """Pool addresses are read in the tcp:, HOST:PORT and unix: forms."""
+    assert PoolAddress.parse(text) == expected
+
+
+def test_address_round_trips() -> None:
+    """An address prints in the tcp:/unix: form that parses back to it."""
+    for text in ("tcp:h:1", "tcp:[::1]:2", "unix:/x"):
+        assert str(PoolAddress.parse(text)) == text
+
+
+@pytest.mark.parametrize("text", ["", "tcp:", "host", "tcp:host:port", "h:0", "h:70000", "unix:"])
+def test_bad_address(text: str) -> None:
+    """A malformed address is refused with ValueError when the client is made."""
+    with pytest.raises(ValueError, match="is not a pool address"):
+        TaskClient(MemoryReactorClock(), [text])
+
+
+@pytest.mark.parametrize("timeout", [0, -1, float("nan"), float("inf")])
+def test_bad_timeout(timeout: float) -> None:
+    """A timeout that is not a positive, finite number of seconds is refused."""
+    client = Pool().client
+    with pytest.raises(ValueError, match="timeout"):
+        client.send_task("noop", timeout=timeout)
+    with pytest.raises(ValueError, match="timeout"):
+        TaskClient(MemoryReactorClock(), [ADDRESS], timeout=timeout)
+
+
+def test_worker_busy_reply_resends_on_another_connection() -> None:
+    """An ``overloaded``/WorkerBusy reply closes that connection and resends the call."""
+    pool = Pool()
+    outcome = Outcome(pool.client.call("noop"))
+    first = pool.accept()
+    first.reply(
+        {"id": 1, "error": {"code": "overloaded", "message": "busy", "type": "WorkerBusy"}}
+    )
+    assert first.closing
+    assert not outcome.fired
+    second = pool.accept()
+    assert second.received() == [{"id": 1, "function": "noop", "args": {}}]
+    second.reply({"id": 1, "result": "done"})
+    assert outcome.result == "done"
+
+
+def test_gateway_overloaded_is_an_error() -> None:
+    """An ``overloaded`` reply without the WorkerBusy type reaches the caller."""
+    pool = Pool()
+    outcome = Outcome(pool.client.call("noop"))
+    worker = pool.accept()
+    worker.reply({"id": 1, "error": {"code": "overloaded", "message": "full"}})
+    assert outcome.error.code == "overloaded"
