@@ -10,6 +10,7 @@ request's ``id`` so that the error reply reaches the right caller.
 from __future__ import annotations
 
 import json
+import reprlib
 from typing import Any, Final, TypeAlias
 
 import attrs
@@ -29,6 +30,7 @@ __all__ = [
     "WORKER_LOST",
     "BadMessage",
     "Cancel",
+    "Session",
     "ErrorReply",
     "Message",
     "Progress",
@@ -40,6 +42,7 @@ __all__ = [
     "decode_reply",
     "dumps",
     "encode_cancel",
+    "encode_session",
     "encode_reply",
     "encode_request",
 ]
@@ -136,7 +139,25 @@ class Cancel:
     id: RequestId
 
 
-Message: TypeAlias = Request | Cancel
+@attrs.frozen
+class Session:
+    """
+    Connection options, sent as a connection's first line by clients that want them
+    (``{"session": {"reject_when_busy": true}}``); no reply is sent.
+
+    :ivar reject_when_busy: a request arriving while the worker already runs as
+        many tasks as it may is answered at once with ``overloaded`` (type
+        ``WorkerBusy``) instead of waiting: it did not run, and the client sends it
+        on another connection, which an idle worker will accept.
+    """
+
+    reject_when_busy: bool = False
+
+
+#: Error ``type`` of the ``overloaded`` reply to a rejected request (see :class:`Session`).
+WORKER_BUSY: Final = "WorkerBusy"
+
+Message: TypeAlias = Request | Cancel | Session
 
 
 @attrs.frozen
@@ -185,10 +206,12 @@ def dumps(value: Any) -> bytes:
     Serialize ``value`` as compact JSON.
 
     Falls back to the standard library for what orjson refuses but JSON allows
-    (integers beyond 64 bits).
+    (integers beyond 64 bits, non-string keys, nesting deeper than orjson's limit).
+    orjson writes NaN and infinities as ``null``.
 
     :raises TypeError: if ``value`` is not JSON-serializable.
-    :raises ValueError: if it holds NaN or an infinity, which JSON cannot carry.
+    :raises ValueError: if the fallback meets NaN or an infinity.
+    :raises RecursionError: if ``value`` is nested too deeply for the fallback.
     """
     try:
         return orjson.dumps(value)
@@ -216,6 +239,14 @@ def decode_message(data: bytes) -> Message:
         raise BadMessage(f"a message must be a JSON object, not {_json_type(obj)}")
     raw_id = obj.get("id")
     request_id = raw_id if _is_id(raw_id) else None
+    if "session" in obj:
+        options = obj["session"]
+        if len(obj) != 1 or not isinstance(options, dict):
+            raise BadMessage('a session is {"session": {OPTIONS}}')
+        reject = options.get("reject_when_busy", False)
+        if not isinstance(reject, bool):
+            raise BadMessage('"reject_when_busy" must be true or false')
+        return Session(reject_when_busy=reject)
     if "cancel" in obj:
         target = obj["cancel"]
         if len(obj) != 1 or not _is_id(target) or target is None:
@@ -302,6 +333,11 @@ def encode_request(request: Request) -> bytes:
     return dumps(obj) + b"\n"
 
 
+def encode_session(session: Session) -> bytes:
+    """Encode connection options as one line, delimiter included."""
+    return dumps({"session": {"reject_when_busy": session.reject_when_busy}}) + b"\n"
+
+
 def encode_cancel(cancel: Cancel) -> bytes:
     """Encode a cancel as one line, delimiter included."""
     return dumps({"cancel": cancel.id}) + b"\n"
@@ -317,7 +353,7 @@ def encode_reply(reply: Reply) -> bytes:
     if isinstance(reply, Result):
         try:
             return dumps({"id": reply.id, "result": reply.result}) + b"\n"
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, RecursionError) as e:
             return encode_reply(
                 ErrorReply(
                     id=reply.id,
@@ -329,8 +365,9 @@ def encode_reply(reply: Reply) -> bytes:
     if isinstance(reply, Progress):
         try:
             return dumps({"id": reply.id, "progress": reply.progress}) + b"\n"
-        except (TypeError, ValueError):
-            return dumps({"id": reply.id, "progress": repr(reply.progress)}) + b"\n"
+        except (TypeError, ValueError, RecursionError):
+            # reprlib bounds depth and length, where repr would recurse as deep as dumps.
+            return dumps({"id": reply.id, "progress": reprlib.repr(reply.progress)}) + b"\n"
     error: dict[str, Any] = {"code": reply.code, "message": reply.message}
     if reply.type is not None:
         error["type"] = reply.type
