@@ -218,7 +218,8 @@ def _serve_one(reactor: MemoryReactorClock, reply: dict[str, Any]) -> StringTran
     transport = StringTransport()
     protocol.makeConnection(transport)
     reactor.advance(0)
-    request = orjson.loads(transport.value())
+    session, request = (orjson.loads(line) for line in transport.value().splitlines())
+    assert session == {"session": {"reject_when_busy": True}}
     protocol.dataReceived(orjson.dumps({"id": request["id"], **reply}) + b"\n")
     assert transport.disconnecting, "the command closes its client when done"
     protocol.connectionLost(Failure(ConnectionDone()))
