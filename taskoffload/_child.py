@@ -152,6 +152,7 @@ def run_worker(
         concurrency=config["concurrency"],
         max_message=config["max_message"],
         capacity_changed=capacity_changed,
+        worker_id=os.getpid(),
     )
     acceptor = SharedSocketAcceptor(reactor, listening, factory)
     stop_timeout = float(config["stop_timeout"])

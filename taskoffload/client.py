@@ -248,6 +248,10 @@ class TaskClientProtocol(LineReceiver):
         self.call: _Call | None = None
         self.idle_since = 0.0
         self.lost = False
+        #: The worker has accepted the connection (its session acknowledgement came).
+        self.accepted = False
+        #: Fires with this protocol once accepted; fails if lost before.
+        self.ready: Deferred[TaskClientProtocol] = Deferred(lambda d: self._abort())
 
     def connectionMade(self) -> None:
         if self.target.address.kind == "tcp":
@@ -265,13 +269,28 @@ class TaskClientProtocol(LineReceiver):
         except wire.BadMessage as e:
             self.client._bad_reply(self, e.message)
             return
+        if type(reply) is wire.SessionAck:
+            if not self.accepted:
+                self.accepted = True
+                self.ready.callback(self)
+            return
+        if type(reply) is wire.Goodbye:
+            self.client._goodbye(self)
+            return
         self.client._reply_received(self, reply)
+
+    def _abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]  # ITCPTransport
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self.client._bad_reply(self, f"a reply longer than the limit of {self.MAX_LENGTH} bytes")
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.lost = True
+        if not self.accepted and not self.ready.called:
+            # Still queued in the pool's listening socket: nothing was sent on it.
+            self.ready.errback(reason)
         self.client._connection_lost(self, reason)
 
     def send(self, data: bytes) -> None:
@@ -596,6 +615,9 @@ class TaskClient:
             connecting = creator.connectTCP(
                 address.host, address.port, timeout=self._connect_timeout
             )
+        # Requests wait until the worker has accepted the connection, so none sits
+        # in the listening socket's queue where a stopping pool would drop it.
+        connecting.addCallback(lambda protocol: protocol.ready)
         self._connects.add(connecting)
         connecting.addCallbacks(
             self._connected,
@@ -715,13 +737,7 @@ class TaskClient:
             # work.  Drop the connection (an idle worker accepts the next one) and
             # send the request again, ahead of the calls waiting.
             self._retire(connection)
-            if state == _SENT and not self._closed:
-                call.state = _QUEUED
-                self._queue.appendleft(call)
-                self._queued += 1
-                self._dispatch()
-            else:
-                call.state = _FINISHED
+            self._resend(call, state)
             return
         call.state = _FINISHED
         # Free the connection first so that waiting calls keep their place in line
@@ -734,6 +750,28 @@ class TaskClient:
             else:
                 assert isinstance(reply, wire.ErrorReply)
                 self._answer(call, TaskError.from_reply(reply))
+
+    def _resend(self, call: _Call, state: int) -> None:
+        """Put a call that was sent but did not run back at the head of the line."""
+        if state == _SENT and not self._closed:
+            call.state = _QUEUED
+            self._queue.appendleft(call)
+            self._queued += 1
+            self._dispatch()
+        else:
+            call.state = _FINISHED
+
+    def _goodbye(self, connection: TaskClientProtocol) -> None:
+        """The worker closes this connection and read nothing after its goodbye."""
+        self._retire(connection)
+        call = connection.call
+        if call is not None:
+            connection.call = None
+            connection.target.busy -= 1
+            call.connection = None
+            self._resend(call, call.state)
+        elif not self._closed:
+            self._dispatch()
 
     def _retire(self, connection: TaskClientProtocol) -> None:
         """Close a connection that has nothing in flight, and stop counting it."""

@@ -30,7 +30,6 @@ __all__ = [
     "WORKER_LOST",
     "BadMessage",
     "Cancel",
-    "Session",
     "ErrorReply",
     "Message",
     "Progress",
@@ -38,13 +37,18 @@ __all__ = [
     "Request",
     "RequestId",
     "Result",
+    "Session",
+    "SessionAck",
+    "Goodbye",
     "decode_message",
     "decode_reply",
     "dumps",
     "encode_cancel",
-    "encode_session",
     "encode_reply",
     "encode_request",
+    "encode_session",
+    "encode_session_ack",
+    "encode_goodbye",
 ]
 
 #: Not JSON, not an object, or missing or ill-typed fields.
@@ -191,7 +195,30 @@ class Progress:
     progress: Any
 
 
-Reply: TypeAlias = Result | ErrorReply | Progress
+@attrs.frozen
+class SessionAck:
+    """
+    A worker's answer to a :class:`Session` line, sent once it has accepted the
+    connection: until it comes, the client's connection is still waiting in the
+    listening socket's queue and no request should be sent on it.
+
+    :ivar worker: the worker's process id.
+    """
+
+    worker: int | None
+
+
+@attrs.frozen
+class Goodbye:
+    """
+    The worker is closing the connection and reads nothing more from it: a request
+    still unanswered when this arrives was never run, and may be sent elsewhere.
+    """
+
+    reason: str
+
+
+Reply: TypeAlias = Result | ErrorReply | Progress | SessionAck | Goodbye
 
 
 def _loads(data: bytes) -> Any:
@@ -338,6 +365,16 @@ def encode_session(session: Session) -> bytes:
     return dumps({"session": {"reject_when_busy": session.reject_when_busy}}) + b"\n"
 
 
+def encode_session_ack(ack: SessionAck) -> bytes:
+    """Encode a worker's session acknowledgement as one line."""
+    return dumps({"session": {"worker": ack.worker}}) + b"\n"
+
+
+def encode_goodbye(goodbye: Goodbye) -> bytes:
+    """Encode a worker's goodbye as one line."""
+    return dumps({"goodbye": goodbye.reason}) + b"\n"
+
+
 def encode_cancel(cancel: Cancel) -> bytes:
     """Encode a cancel as one line, delimiter included."""
     return dumps({"cancel": cancel.id}) + b"\n"
@@ -381,6 +418,12 @@ def decode_reply(data: bytes) -> Reply:
     :raises BadMessage: if the line is not a reply.
     """
     obj = _loads(data)
+    if isinstance(obj, dict) and "id" not in obj:
+        if isinstance(obj.get("session"), dict):
+            worker = obj["session"].get("worker")
+            return SessionAck(worker=worker if isinstance(worker, int) else None)
+        if isinstance(obj.get("goodbye"), str):
+            return Goodbye(reason=obj["goodbye"])
     if not isinstance(obj, dict) or "id" not in obj or not _is_id(obj["id"]):
         raise BadMessage("a reply must be an object with an id")
     request_id = obj["id"]

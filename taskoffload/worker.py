@@ -81,6 +81,7 @@ class TaskServerProtocol(LineReceiver):
             return
         if isinstance(message, wire.Session):
             self._reject_when_busy = message.reject_when_busy
+            self._send(wire.encode_session_ack(wire.SessionAck(worker=self.factory.worker_id)))
             return
         if self._reject_when_busy and self.idle and self.factory.at_limit:
             # This process is busy with another connection's work; the client
@@ -215,6 +216,17 @@ class TaskServerProtocol(LineReceiver):
     def _send(self, data: bytes) -> None:
         self.transport.write(data)
 
+    def close(self) -> None:
+        """
+        Close the connection.  An idle one first gets a goodbye: from then on
+        nothing more is read, so its client knows a request it has just sent did
+        not run and can send it elsewhere.
+        """
+        if self.idle and not self._closing:
+            self._send(wire.encode_goodbye(wire.Goodbye(reason="worker stopping")))
+        self._closing = True
+        self.transport.loseConnection()
+
 
 
 class TaskServerFactory(Factory):
@@ -229,6 +241,7 @@ class TaskServerFactory(Factory):
     :param max_message: longest accepted line, in bytes.
     :param capacity_changed: called with ``True`` when the process can take a new
         connection and ``False`` when it is at its limit.
+    :param worker_id: how the worker names itself to clients (its process id).
     """
 
     protocol = TaskServerProtocol
@@ -241,8 +254,10 @@ class TaskServerFactory(Factory):
         concurrency: int = 1,
         max_message: int = wire.DEFAULT_MAX_MESSAGE,
         capacity_changed: Callable[[bool], None] | None = None,
+        worker_id: int | None = None,
     ) -> None:
         self.registry = registry
+        self.worker_id = worker_id
         self.clock = clock
         self.concurrency = concurrency
         self.max_message = max_message
@@ -325,7 +340,7 @@ class TaskServerFactory(Factory):
         d: Deferred[None] = Deferred()
         self._closed.append(d)
         for connection in list(self.connections):
-            connection.transport.loseConnection()
+            connection.close()
         return d
 
     def run(

@@ -104,6 +104,8 @@ class Pool:
         protocol.makeConnection(transport)
         # ClientCreator hands the protocol over on the next reactor turn.
         self.reactor.advance(0)
+        # The worker acknowledges the session line once it has accepted.
+        protocol.dataReceived(b'{"session": {"worker": 1}}\n')
         return Worker(protocol, transport)
 
     def refuse(self, index: int = -1) -> None:
@@ -813,3 +815,48 @@ def test_gateway_overloaded_is_an_error() -> None:
     worker = pool.accept()
     worker.reply({"id": 1, "error": {"code": "overloaded", "message": "full"}})
     assert outcome.error.code == "overloaded"
+
+
+def test_no_request_before_the_worker_accepts() -> None:
+    """A connection carries no request until the worker acknowledges its session."""
+    pool = Pool()
+    outcome = Outcome(pool.client.call("noop"))
+    host, port, factory, *_ = pool.reactor.tcpClients[-1]
+    protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
+    transport = TCPStringTransport()
+    protocol.makeConnection(transport)
+    pool.reactor.advance(0)
+    assert transport.value() == b'{"session":{"reject_when_busy":true}}\n'
+    protocol.dataReceived(b'{"session": {"worker": 7}}\n')
+    assert b'"function":"noop"' in transport.value()
+    protocol.dataReceived(b'{"id": 1, "result": null}\n')
+    assert outcome.fired and outcome.result is None
+
+
+def test_goodbye_resends_the_unanswered_request() -> None:
+    """A goodbye from a stopping worker sends the unanswered request on a new connection."""
+    pool = Pool()
+    outcome = Outcome(pool.client.call("noop"))
+    first = pool.accept()
+    first.reply({"goodbye": "worker stopping"})
+    assert first.closing
+    assert not outcome.fired
+    second = pool.accept()
+    assert second.received() == [{"id": 1, "function": "noop", "args": {}}]
+    second.reply({"id": 1, "result": 5})
+    assert outcome.result == 5
+
+
+def test_lost_before_accept_is_not_worker_lost() -> None:
+    """A connection reset while still queued at the pool costs the call nothing."""
+    pool = Pool(addresses=[ADDRESS, "tcp:127.0.0.1:2"])
+    outcome = Outcome(pool.client.call("noop"))
+    host, port, factory, *_ = pool.reactor.tcpClients[-1]
+    protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
+    protocol.makeConnection(TCPStringTransport())
+    pool.reactor.advance(0)
+    protocol.connectionLost(Failure(ConnectionLost()))
+    assert not outcome.fired
+    other = pool.accept()
+    other.reply({"id": 1, "result": "ok"})
+    assert outcome.result == "ok"

@@ -218,6 +218,7 @@ def _serve_one(reactor: MemoryReactorClock, reply: dict[str, Any]) -> StringTran
     transport = StringTransport()
     protocol.makeConnection(transport)
     reactor.advance(0)
+    protocol.dataReceived(b'{"session": {"worker": 1}}\n')
     session, request = (orjson.loads(line) for line in transport.value().splitlines())
     assert session == {"session": {"reject_when_busy": True}}
     protocol.dataReceived(orjson.dumps({"id": request["id"], **reply}) + b"\n")
