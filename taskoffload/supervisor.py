@@ -332,7 +332,12 @@ class WorkerPoolService(Service):
         if handler is None:
             _log.warn("Unknown event from the pool: {event!r}", event=event)
             return
-        handler(event)
+        try:
+            handler(event)
+        except (KeyError, TypeError, ValueError):
+            # A malformed event must not cost us the pipe, and with it every
+            # later exit notice.
+            _log.failure("Bad event from the pool: {line!r}", line=line)
 
     def raw_output(self, line: bytes) -> None:
         """Log a line a worker or the fork server wrote to standard output or error."""

@@ -494,6 +494,11 @@ class SharedSocketAcceptor:
                 connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._reactor.adoptStreamConnection(connection.fileno(), self._family, self._factory)
             self.accepted += 1
+        except OSError as e:
+            # Adopting duplicates the descriptor, which can fail as accept can.
+            self.log.warn("Could not adopt a connection: {error}; pausing for 1 s", error=e)
+            self.pause()
+            self._retry = self._reactor.callLater(1.0, self._retry_accept)
         finally:
             # adoptStreamConnection took its own duplicate of the descriptor.
             connection.close()

@@ -1,0 +1,146 @@
+"""
+Unit tests for :mod:`taskoffload.tap`: the ``twistd taskoffload`` options, parsed
+from argument lists, and the service they wire.
+"""
+
+from __future__ import annotations
+
+import pytest
+from twisted.application.service import MultiService
+from twisted.python import usage
+
+from taskoffload import tap, wire
+from taskoffload.supervisor import PoolConfig, WorkerPoolService
+
+
+def parse(*args: str) -> tap.Options:
+    """Options parsed from ``args``, as twistd would."""
+    options = tap.Options()
+    options.parseOptions(list(args))
+    return options
+
+
+def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Defaults: role worker, 4 workers per CPU, concurrency 1, default address, examples."""
+    monkeypatch.setattr(tap.os, "cpu_count", lambda: 3)
+    options = parse()
+    assert options["role"] == "worker"
+    assert options["count"] == 12
+    assert options["concurrency"] == 1
+    assert options["listen"] == "tcp:12345:interface=127.0.0.1"
+    assert options["tasks"] == ["taskoffload.examples"]
+    assert options["max-message"] == wire.DEFAULT_MAX_MESSAGE
+    assert options["stop-timeout"] == 30.0
+
+
+def test_unknown_cpu_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the CPU count is unknown, the default is four workers."""
+    monkeypatch.setattr(tap.os, "cpu_count", lambda: None)
+    assert parse()["count"] == 4
+
+
+def test_options_coerced() -> None:
+    """Numeric options are read as numbers."""
+    options = parse("--count=8", "--concurrency", "3", "--max-message=4096", "--stop-timeout=2.5")
+    assert (options["count"], options["concurrency"]) == (8, 3)
+    assert options["max-message"] == 4096
+    assert options["stop-timeout"] == 2.5
+
+
+def test_tasks_repeatable() -> None:
+    """``--tasks`` may be given several times; the modules replace the examples, in order."""
+    options = parse("--tasks", "mytasks", "--tasks=othertasks")
+    assert options["tasks"] == ["mytasks", "othertasks"]
+
+
+def test_tasks_not_shared() -> None:
+    """Task modules named on one command line do not leak into the next."""
+    parse("--tasks", "mytasks")
+    assert parse()["tasks"] == ["taskoffload.examples"]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--count=0"],
+        ["--count=-1"],
+        ["--count=many"],
+        ["--concurrency=0"],
+        ["--max-message=0"],
+        ["--stop-timeout=0"],
+        ["--stop-timeout=-5"],
+        ["--smtp-port=0"],
+    ],
+)
+def test_out_of_range_rejected(args: list[str]) -> None:
+    """Counts, sizes and timeouts below their minimum are rejected."""
+    with pytest.raises(usage.UsageError):
+        parse(*args)
+
+
+def test_unknown_role_rejected() -> None:
+    """An unknown role is rejected with a message naming the valid ones."""
+    with pytest.raises(usage.UsageError, match="worker, gateway, all"):
+        parse("--role=butler")
+
+
+@pytest.mark.parametrize("role", ["gateway", "all"])
+def test_unavailable_role_rejected(role: str) -> None:
+    """The roles not yet available are rejected, pointing to --role=worker."""
+    with pytest.raises(usage.UsageError, match="--role=worker"):
+        parse(f"--role={role}")
+
+
+@pytest.mark.parametrize(
+    "listen", ["12345", "localhost:12345", "http://127.0.0.1:12345", "udp:12345"]
+)
+def test_bad_listen_rejected(listen: str) -> None:
+    """A listen address that is not a server endpoint string is rejected, with an example."""
+    with pytest.raises(usage.UsageError, match="expected an endpoint such as tcp:"):
+        parse(f"--listen={listen}")
+
+
+def test_bad_pool_listen_rejected() -> None:
+    """A bad --pool-listen is rejected the same way."""
+    with pytest.raises(usage.UsageError, match="--pool-listen"):
+        parse("--pool-listen=12345")
+
+
+@pytest.mark.parametrize("listen", ["tcp:9000", "tcp6:9000", "unix:/run/taskoffload.sock"])
+def test_endpoint_kinds_accepted(listen: str) -> None:
+    """tcp, tcp6 and unix listen addresses are accepted as given."""
+    assert parse(f"--listen={listen}")["listen"] == listen
+
+
+def test_unknown_option_rejected() -> None:
+    """An option that does not exist is rejected."""
+    with pytest.raises(usage.UsageError):
+        parse("--workers=4")
+
+
+def test_make_service() -> None:
+    """The service is a worker pool configured from the options, and starts nothing yet."""
+    options = parse(
+        "--listen=unix:/run/t.sock",
+        "--count=2",
+        "--concurrency=3",
+        "--tasks=mytasks",
+        "--max-message=4096",
+        "--stop-timeout=5",
+        "--smtp-host=mail.example.org",
+        "--smtp-port=2525",
+    )
+    top = tap.makeService(options)
+    assert isinstance(top, MultiService)
+    [pool] = list(top)
+    assert isinstance(pool, WorkerPoolService)
+    assert pool.config == PoolConfig(
+        listen="unix:/run/t.sock",
+        count=2,
+        concurrency=3,
+        tasks=("mytasks",),
+        max_message=4096,
+        stop_timeout=5.0,
+        env={"TASKOFFLOAD_SMTP_HOST": "mail.example.org", "TASKOFFLOAD_SMTP_PORT": "2525"},
+    )
+    assert not pool.running

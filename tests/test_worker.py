@@ -1,0 +1,830 @@
+"""
+Unit tests for :mod:`taskoffload.worker`: a ``TaskServerFactory`` over small test
+tasks and a ``Clock``, each connection a protocol on a ``StringTransport`` that the
+tests write request lines into and read reply lines from; and the
+``SharedSocketAcceptor`` over a real loopback listening socket and a fake reactor.
+"""
+
+from __future__ import annotations
+
+import errno
+import select
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+import pytest
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.logger import LogLevel, capturedLogs
+from twisted.python.failure import Failure
+
+from taskoffload import wire
+from taskoffload.registry import TaskRegistry, task
+from taskoffload.worker import (
+    RESERVATION_SECONDS,
+    SharedSocketAcceptor,
+    TaskServerFactory,
+    TaskServerProtocol,
+)
+
+
+class Tasks:
+    """
+    The tasks a test server runs.  Deferred-returning tasks leave their Deferreds
+    in :attr:`waiting`, for the test to fire; cancelling one records its label.
+    """
+
+    def __init__(self) -> None:
+        self.waiting: list[Deferred[Any]] = []
+        self.cancelled: list[str] = []
+        self.ran: list[str] = []
+
+    def _deferred(self, label: str) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred(lambda _: self.cancelled.append(label))
+        self.waiting.append(d)
+        return d
+
+    def registry(self) -> TaskRegistry:
+        """A registry of one task of each kind."""
+
+        def add(a: int, b: int) -> int:
+            self.ran.append("add")
+            return a + b
+
+        def wait(label: str = "wait") -> Deferred[Any]:
+            self.ran.append(label)
+            return self._deferred(label)
+
+        async def double(x: int) -> int:
+            return 2 * x
+
+        async def double_later(x: int) -> int:
+            value = await self._deferred("double_later")
+            return 2 * x + value
+
+        def count(n: int, progress: Any) -> int:
+            for i in range(n):
+                progress({"done": i})
+            return n
+
+        def boom(message: str = "boom") -> None:
+            raise ValueError(message)
+
+        @task(timeout=5)
+        def slow() -> Deferred[Any]:
+            return self._deferred("slow")
+
+        return TaskRegistry.from_functions([add, wait, double, double_later, count, boom, slow])
+
+
+class Connection:
+    """One client's connection to the task server."""
+
+    def __init__(self, factory: TaskServerFactory) -> None:
+        protocol = factory.buildProtocol(None)
+        assert isinstance(protocol, TaskServerProtocol)
+        self.protocol = protocol
+        self.transport = StringTransport()
+        protocol.makeConnection(self.transport)
+
+    def send(self, message: dict[str, Any] | bytes) -> None:
+        """Write one line: a message as JSON, or raw bytes as they are."""
+        line = message if isinstance(message, bytes) else orjson.dumps(message)
+        self.protocol.dataReceived(line + b"\n")
+
+    def call(self, function: str, request_id: Any = 1, **fields: Any) -> None:
+        """Send a request for ``function``."""
+        self.send({"id": request_id, "function": function, **fields})
+
+    def replies(self) -> list[dict[str, Any]]:
+        """Every reply line the server wrote so far, decoded."""
+        return [orjson.loads(line) for line in self.transport.value().splitlines()]
+
+    def drop(self) -> None:
+        """The client goes away."""
+        self.protocol.connectionLost(Failure(ConnectionDone()))
+
+
+class Server:
+    """A task server factory on a fake clock, recording capacity changes."""
+
+    def __init__(self, concurrency: int = 1, max_message: int = wire.DEFAULT_MAX_MESSAGE):
+        self.tasks = Tasks()
+        self.clock = Clock()
+        self.capacity: list[bool] = []
+        self.factory = TaskServerFactory(
+            self.tasks.registry(),
+            self.clock,
+            concurrency=concurrency,
+            max_message=max_message,
+            capacity_changed=self.capacity.append,
+        )
+
+    def connect(self) -> Connection:
+        """Open a new connection."""
+        return Connection(self.factory)
+
+
+def fired(d: Deferred[Any]) -> bool:
+    """Whether ``d`` has fired (with a result, not a failure)."""
+    results: list[Any] = []
+    d.addBoth(results.append)
+    assert not any(isinstance(r, Failure) for r in results), results
+    return bool(results)
+
+
+@pytest.fixture
+def server() -> Server:
+    return Server()
+
+
+def error_of(reply: dict[str, Any]) -> tuple[Any, str]:
+    """``(id, code)`` of an error reply."""
+    return reply["id"], reply["error"]["code"]
+
+
+# Replies
+
+
+def test_result(server: Server) -> None:
+    """A request for a synchronous task is answered with its result."""
+    connection = server.connect()
+    connection.call("add", 7, args={"a": 1, "b": 2})
+    assert connection.replies() == [{"id": 7, "result": 3}]
+
+
+def test_positional_arguments(server: Server) -> None:
+    """Arguments given as a list bind positionally."""
+    connection = server.connect()
+    connection.call("add", args=[40, 2])
+    assert connection.replies() == [{"id": 1, "result": 42}]
+
+
+@pytest.mark.parametrize("request_id", ["job-1", 7, 2.5])
+def test_id_echoed(server: Server, request_id: Any) -> None:
+    """The reply carries the request's id, string or number, unchanged."""
+    connection = server.connect()
+    connection.call("add", request_id, args=[1, 1])
+    assert connection.replies() == [{"id": request_id, "result": 2}]
+
+
+def test_absent_id_is_null(server: Server) -> None:
+    """A request without an id is answered with ``"id": null``."""
+    connection = server.connect()
+    connection.send({"function": "add", "args": [1, 1]})
+    assert connection.replies() == [{"id": None, "result": 2}]
+
+
+@pytest.mark.parametrize(
+    ("line", "request_id"),
+    [
+        (b"{not json", None),
+        (b"[1, 2]", None),
+        (b'"add"', None),
+        (b'{"id": 3}', 3),
+        (b'{"id": 3, "function": "add", "args": 5}', 3),
+        (b'{"id": 3, "function": "add", "colour": "red"}', 3),
+        (b'{"id": 3, "function": "add", "timeout": -1}', 3),
+        (b"", None),
+        (b"   ", None),
+        (b'{"id": "\xff\xfe", "function": "add"}', None),
+        (b"\xff\xfe", None),
+    ],
+    ids=[
+        "bad-json",
+        "array",
+        "string",
+        "missing-function",
+        "bad-args",
+        "unknown-field",
+        "bad-timeout",
+        "empty",
+        "blank",
+        "invalid-utf8-in-string",
+        "invalid-utf8",
+    ],
+)
+def test_bad_request(server: Server, line: bytes, request_id: Any) -> None:
+    """A line that is not a valid request gets bad_request; the connection serves on."""
+    connection = server.connect()
+    connection.send(line)
+    connection.call("add", 9, args=[1, 2])
+    reply, result = connection.replies()
+    assert error_of(reply) == (request_id, wire.BAD_REQUEST)
+    assert reply["error"]["message"]
+    assert result == {"id": 9, "result": 3}
+    assert not connection.transport.disconnecting
+
+
+def test_crlf_line(server: Server) -> None:
+    """A request ending in CR LF is served like one ending in LF."""
+    connection = server.connect()
+    connection.protocol.dataReceived(b'{"id": 1, "function": "add", "args": [1, 2]}\r\n')
+    assert connection.replies() == [{"id": 1, "result": 3}]
+
+
+def test_batch_rejected(server: Server) -> None:
+    """A batch request sent to a worker gets bad_request: only the gateway serves batches."""
+    connection = server.connect()
+    connection.call("add", 4, batch=[[1, 2]])
+    [reply] = connection.replies()
+    assert error_of(reply) == (4, wire.BAD_REQUEST)
+    assert "gateway" in reply["error"]["message"]
+    assert server.tasks.ran == []
+
+
+def test_unknown_function(server: Server) -> None:
+    """A request for a name that is not registered gets unknown_function."""
+    connection = server.connect()
+    connection.call("os.system", 5, args=["true"])
+    [reply] = connection.replies()
+    assert error_of(reply) == (5, wire.UNKNOWN_FUNCTION)
+    assert "os.system" in reply["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("function", "args"),
+    [
+        ("add", {"a": 1}),
+        ("add", [1, 2, 3]),
+        ("add", {"a": 1, "b": 2, "c": 3}),
+        ("count", {"n": 1, "progress": "mine"}),
+    ],
+    ids=["missing", "too-many", "unexpected-keyword", "caller-progress"],
+)
+def test_bad_arguments(server: Server, function: str, args: Any) -> None:
+    """Arguments that do not fit the signature get bad_arguments; the task does not run."""
+    connection = server.connect()
+    connection.call(function, 6, args=args)
+    [reply] = connection.replies()
+    assert error_of(reply) == (6, wire.BAD_ARGUMENTS)
+    assert function in reply["error"]["message"]
+    assert server.tasks.ran == []
+
+
+def test_task_failed(server: Server) -> None:
+    """A task that raises gets task_failed with its type and message, and is logged."""
+    connection = server.connect()
+    with capturedLogs() as events:
+        connection.call("boom", 8, args={"message": "disk on fire"})
+    assert connection.replies() == [
+        {
+            "id": 8,
+            "error": {"code": "task_failed", "message": "disk on fire", "type": "ValueError"},
+        }
+    ]
+    [logged] = [e for e in events if e.get("log_failure") is not None]
+    assert logged["log_level"] == LogLevel.warn
+    assert logged["function"] == "boom"
+    assert logged["log_failure"].check(ValueError)
+
+
+def test_failed_deferred(server: Server) -> None:
+    """A task whose Deferred fails gets task_failed with the error's type."""
+    connection = server.connect()
+    connection.call("wait", 2)
+    with capturedLogs():
+        server.tasks.waiting[0].errback(KeyError("missing"))
+    [reply] = connection.replies()
+    assert error_of(reply) == (2, wire.TASK_FAILED)
+    assert reply["error"]["type"] == "KeyError"
+
+
+def test_progress(server: Server) -> None:
+    """A task with a progress parameter sends progress messages, then its result."""
+    connection = server.connect()
+    connection.call("count", "c", args={"n": 3})
+    assert connection.replies() == [
+        {"id": "c", "progress": {"done": 0}},
+        {"id": "c", "progress": {"done": 1}},
+        {"id": "c", "progress": {"done": 2}},
+        {"id": "c", "result": 3},
+    ]
+
+
+def test_async_task(server: Server) -> None:
+    """An ``async def`` task is answered with the value it returns."""
+    connection = server.connect()
+    connection.call("double", args=[21])
+    assert connection.replies() == [{"id": 1, "result": 42}]
+
+
+def test_async_task_awaiting(server: Server) -> None:
+    """An ``async def`` task that awaits is answered once what it awaits fires."""
+    connection = server.connect()
+    connection.call("double_later", args=[20])
+    assert connection.replies() == []
+    server.tasks.waiting[0].callback(2)
+    assert connection.replies() == [{"id": 1, "result": 42}]
+
+
+def test_deferred_task(server: Server) -> None:
+    """A task returning a Deferred is answered only when the Deferred fires."""
+    connection = server.connect()
+    connection.call("wait", 3)
+    assert connection.replies() == []
+    server.tasks.waiting[0].callback({"done": True})
+    assert connection.replies() == [{"id": 3, "result": {"done": True}}]
+
+
+def test_requests_run_in_order(server: Server) -> None:
+    """Requests on one connection run in order: the second waits for the first."""
+    connection = server.connect()
+    connection.call("wait", 1, args={"label": "first"})
+    connection.call("wait", 2, args={"label": "second"})
+    assert server.tasks.ran == ["first"]
+    server.tasks.waiting[0].callback("one")
+    assert server.tasks.ran == ["first", "second"]
+    server.tasks.waiting[1].callback("two")
+    assert connection.replies() == [{"id": 1, "result": "one"}, {"id": 2, "result": "two"}]
+
+
+def test_idless_replies_in_request_order(server: Server) -> None:
+    """Replies to requests without ids come back in the order they were sent."""
+    connection = server.connect()
+    connection.send({"function": "wait"})
+    connection.send({"function": "add", "args": [1, 2]})
+    server.tasks.waiting[0].callback("first")
+    assert connection.replies() == [{"id": None, "result": "first"}, {"id": None, "result": 3}]
+
+
+# Cancelling and deadlines
+
+
+def test_cancel_running(server: Server) -> None:
+    """Cancelling a running task cancels its Deferred and answers ``cancelled``."""
+    connection = server.connect()
+    connection.call("wait", "w")
+    connection.send({"cancel": "w"})
+    assert connection.replies() == [
+        {"id": "w", "error": {"code": "cancelled", "message": "cancelled while it ran"}}
+    ]
+    assert server.tasks.cancelled == ["wait"]
+
+
+def test_cancel_running_async(server: Server) -> None:
+    """Cancelling an ``async def`` task cancels what it awaits and answers ``cancelled``."""
+    connection = server.connect()
+    connection.call("double_later", 4, args=[1])
+    connection.send({"cancel": 4})
+    [reply] = connection.replies()
+    assert error_of(reply) == (4, wire.CANCELLED)
+    assert server.tasks.cancelled == ["double_later"]
+
+
+def test_cancel_queued(server: Server) -> None:
+    """Cancelling a queued request answers cancelled at once; it never runs."""
+    connection = server.connect()
+    connection.call("wait", 1, args={"label": "first"})
+    connection.call("wait", 2, args={"label": "second"})
+    connection.send({"cancel": 2})
+    assert connection.replies() == [
+        {"id": 2, "error": {"code": "cancelled", "message": "cancelled before it ran"}}
+    ]
+    server.tasks.waiting[0].callback("done")
+    assert connection.replies()[1:] == [{"id": 1, "result": "done"}]
+    assert server.tasks.ran == ["first"]
+    assert server.tasks.cancelled == []
+
+
+def test_cancel_unknown(server: Server) -> None:
+    """Cancelling an id that is not in flight writes nothing and disturbs nothing."""
+    connection = server.connect()
+    connection.call("wait", 1)
+    connection.send({"cancel": 99})
+    assert connection.replies() == []
+    server.tasks.waiting[0].callback("ok")
+    assert connection.replies() == [{"id": 1, "result": "ok"}]
+
+
+def test_cancel_answered(server: Server) -> None:
+    """Cancelling a request already answered writes nothing more."""
+    connection = server.connect()
+    connection.call("add", 1, args=[1, 2])
+    connection.send({"cancel": 1})
+    assert connection.replies() == [{"id": 1, "result": 3}]
+
+
+def test_request_timeout(server: Server) -> None:
+    """A request's ``timeout`` cancels its task when it passes and answers ``timeout``."""
+    connection = server.connect()
+    connection.call("wait", 5, timeout=2.5)
+    server.clock.advance(2.4)
+    assert connection.replies() == []
+    server.clock.advance(0.1)
+    [reply] = connection.replies()
+    assert error_of(reply) == (5, wire.TIMEOUT)
+    assert "2.5" in reply["error"]["message"]
+    assert server.tasks.cancelled == ["wait"]
+
+
+def test_task_timeout(server: Server) -> None:
+    """A task's ``@task(timeout=...)`` applies to requests that give none."""
+    connection = server.connect()
+    connection.call("slow", 6)
+    server.clock.advance(4.9)
+    assert connection.replies() == []
+    server.clock.advance(0.1)
+    [reply] = connection.replies()
+    assert error_of(reply) == (6, wire.TIMEOUT)
+    assert server.tasks.cancelled == ["slow"]
+
+
+def test_request_timeout_overrides_task_timeout(server: Server) -> None:
+    """A request's own ``timeout`` wins over the task's default."""
+    connection = server.connect()
+    connection.call("slow", 6, timeout=1)
+    server.clock.advance(1)
+    [reply] = connection.replies()
+    assert error_of(reply) == (6, wire.TIMEOUT)
+
+
+def test_finished_before_timeout(server: Server) -> None:
+    """A task done in time gets its result, and nothing more at the deadline."""
+    connection = server.connect()
+    connection.call("wait", 5, timeout=2)
+    server.tasks.waiting[0].callback("quick")
+    server.clock.advance(10)
+    assert connection.replies() == [{"id": 5, "result": "quick"}]
+    assert server.clock.getDelayedCalls() == []
+
+
+def test_next_request_after_timeout(server: Server) -> None:
+    """After a request times out, the next one on the connection runs."""
+    connection = server.connect()
+    connection.call("wait", 1, timeout=1)
+    connection.call("add", 2, args=[1, 2])
+    server.clock.advance(1)
+    assert [r["id"] for r in connection.replies()] == [1, 2]
+    assert connection.replies()[1] == {"id": 2, "result": 3}
+
+
+# Connection limits and loss
+
+
+def test_oversize_line() -> None:
+    """A line over max_message gets bad_request, then the connection closes."""
+    server = Server(max_message=64)
+    connection = server.connect()
+    connection.protocol.dataReceived(b'{"function": "add", "args": [' + b"1," * 64)
+    connection.send({"id": 1, "function": "add", "args": [1, 2]})
+    [reply] = connection.replies()
+    assert error_of(reply) == (None, wire.BAD_REQUEST)
+    assert "64" in reply["error"]["message"]
+    assert connection.transport.disconnecting
+    assert server.tasks.ran == []
+
+
+def test_oversize_line_with_delimiter() -> None:
+    """An over-long line that arrives whole, delimiter included, is rejected the same way."""
+    server = Server(max_message=64)
+    connection = server.connect()
+    connection.call("add", 1, args={"a": "x" * 100, "b": ""})
+    [reply] = connection.replies()
+    assert error_of(reply) == (None, wire.BAD_REQUEST)
+    assert connection.transport.disconnecting
+
+
+def test_line_at_limit() -> None:
+    """A line of exactly ``max_message`` bytes is served."""
+    line = orjson.dumps({"id": 1, "function": "add", "args": [1, 2]})
+    server = Server(max_message=len(line))
+    connection = server.connect()
+    connection.send(line)
+    assert connection.replies() == [{"id": 1, "result": 3}]
+
+
+def test_connection_lost_cancels_running(server: Server) -> None:
+    """A lost connection cancels its running task; queued ones never run."""
+    connection = server.connect()
+    connection.call("wait", 1, args={"label": "first"})
+    connection.call("wait", 2, args={"label": "second"})
+    connection.drop()
+    assert server.tasks.cancelled == ["first"]
+    assert server.tasks.ran == ["first"]
+    assert connection.replies() == []
+
+
+def test_concurrency_is_a_hard_bound(server: Server) -> None:
+    """With concurrency 1, a second connection's task waits until the first finishes."""
+    first, second = server.connect(), server.connect()
+    first.call("wait", 1, args={"label": "first"})
+    second.call("wait", 2, args={"label": "second"})
+    assert server.tasks.ran == ["first"]
+    server.tasks.waiting[0].callback("a")
+    assert server.tasks.ran == ["first", "second"]
+    server.tasks.waiting[1].callback("b")
+    assert first.replies() == [{"id": 1, "result": "a"}]
+    assert second.replies() == [{"id": 2, "result": "b"}]
+
+
+def test_cancel_waiting_for_slot(server: Server) -> None:
+    """A request waiting for a free slot can be cancelled; it never runs."""
+    first, second = server.connect(), server.connect()
+    first.call("wait", 1, args={"label": "first"})
+    second.call("wait", 2, args={"label": "second"})
+    second.send({"cancel": 2})
+    [reply] = second.replies()
+    assert error_of(reply) == (2, wire.CANCELLED)
+    server.tasks.waiting[0].callback("a")
+    assert server.tasks.ran == ["first"]
+
+
+def test_reject_when_busy() -> None:
+    """With reject_when_busy, a request meeting full slots gets overloaded, unrun."""
+    server = Server()
+    busy, asking = server.connect(), server.connect()
+    asking.send({"session": {"reject_when_busy": True}})
+    busy.call("wait", 1)
+    asking.call("add", 2, args=[1, 2])
+    [reply] = [r for r in asking.replies() if "id" in r]
+    assert error_of(reply) == (2, wire.OVERLOADED)
+    assert reply["error"]["type"] == wire.WORKER_BUSY
+    assert server.tasks.ran == ["wait"]
+
+
+def test_reject_when_busy_served_when_free() -> None:
+    """A connection that asked for rejection is served normally while a slot is free."""
+    server = Server()
+    connection = server.connect()
+    connection.send({"session": {"reject_when_busy": True}})
+    connection.call("add", 2, args=[1, 2])
+    assert [r for r in connection.replies() if "id" in r] == [{"id": 2, "result": 3}]
+
+
+# Capacity
+
+
+def test_new_connection_reserves_capacity(server: Server) -> None:
+    """A new connection takes the capacity until its request is answered."""
+    connection = server.connect()
+    assert not server.factory.has_capacity
+    assert server.capacity == [False]
+    connection.call("wait")
+    assert server.capacity == [False]
+    server.tasks.waiting[0].callback(None)
+    assert server.factory.has_capacity
+    assert server.capacity == [False, True]
+
+
+def test_sync_request_frees_capacity(server: Server) -> None:
+    """A request answered at once gives the capacity back at once."""
+    connection = server.connect()
+    connection.call("add", args=[1, 2])
+    assert server.factory.has_capacity
+    assert server.capacity == [False, True]
+
+
+def test_reservation_expires(server: Server) -> None:
+    """A connection that sends nothing holds its reservation for RESERVATION_SECONDS only."""
+    server.connect()
+    server.clock.advance(RESERVATION_SECONDS - 0.01)
+    assert not server.factory.has_capacity
+    server.clock.advance(0.01)
+    assert server.factory.has_capacity
+    assert server.capacity == [False, True]
+
+
+def test_idle_connection_gives_capacity_back(server: Server) -> None:
+    """A connection that was served and stays open does not hold capacity."""
+    connection = server.connect()
+    connection.call("add", args=[1, 2])
+    server.clock.advance(RESERVATION_SECONDS)
+    assert server.factory.has_capacity
+    assert server.capacity == [False, True]
+    assert server.clock.getDelayedCalls() == []
+
+
+def test_closed_connection_gives_capacity_back(server: Server) -> None:
+    """A connection closed before its first request gives its reservation back."""
+    connection = server.connect()
+    connection.drop()
+    assert server.factory.has_capacity
+    assert server.capacity == [False, True]
+    assert server.clock.getDelayedCalls() == []
+
+
+def test_capacity_with_concurrency_two() -> None:
+    """With concurrency 2, capacity runs out at the second busy connection."""
+    server = Server(concurrency=2)
+    first = server.connect()
+    assert server.factory.has_capacity
+    server.connect()
+    assert not server.factory.has_capacity
+    assert server.capacity == [False]
+    first.call("add", args=[1, 2])
+    assert server.capacity == [False, True]
+
+
+def test_drain_waits_for_running_tasks(server: Server) -> None:
+    """``drain()`` fires only once every running task has finished."""
+    connection = server.connect()
+    connection.call("wait")
+    drained = server.factory.drain()
+    assert not fired(drained)
+    server.tasks.waiting[0].callback(None)
+    assert fired(drained)
+
+
+def test_drain_waits_for_reservation(server: Server) -> None:
+    """``drain()`` waits for a new connection's first request, up to its reservation."""
+    server.connect()
+    drained = server.factory.drain()
+    assert not fired(drained)
+    server.clock.advance(RESERVATION_SECONDS)
+    assert fired(drained)
+
+
+def test_drain_when_idle(server: Server) -> None:
+    """``drain()`` fires at once when nothing runs."""
+    connection = server.connect()
+    connection.call("add", args=[1, 2])
+    assert fired(server.factory.drain())
+
+
+def test_close_all(server: Server) -> None:
+    """``close_all()`` closes every connection and fires once they are all gone."""
+    connections = [server.connect(), server.connect()]
+    closed = server.factory.close_all()
+    assert all(c.transport.disconnecting for c in connections)
+    connections[0].drop()
+    assert not fired(closed)
+    connections[1].drop()
+    assert fired(closed)
+
+
+def test_close_all_without_connections(server: Server) -> None:
+    """``close_all()`` with no connection fires at once."""
+    assert fired(server.factory.close_all())
+
+
+# SharedSocketAcceptor
+
+
+class FakeReactor(Clock):
+    """Records the acceptor's reader registrations and adopted connections."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.readers: list[Any] = []
+        self.registrations: list[str] = []
+        self.adopted: list[dict[str, Any]] = []
+
+    def addReader(self, reader: Any) -> None:
+        self.registrations.append("addReader")
+        self.readers.append(reader)
+
+    def removeReader(self, reader: Any) -> None:
+        self.registrations.append("removeReader")
+        self.readers.remove(reader)
+
+    def adoptStreamConnection(self, fd: int, family: int, factory: Any) -> None:
+        # The acceptor closes its copy afterwards, as the real reactor dups it.
+        with socket.socket(fileno=socket.dup(fd)) as adopted:
+            self.adopted.append(
+                {
+                    "peer": adopted.getpeername(),
+                    "family": family,
+                    "factory": factory,
+                    "nodelay": adopted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY),
+                }
+            )
+
+
+@pytest.fixture
+def listening() -> Iterator[socket.socket]:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    sock.setblocking(False)
+    yield sock
+    sock.close()
+
+
+@pytest.fixture
+def clients() -> Iterator[list[socket.socket]]:
+    opened: list[socket.socket] = []
+    yield opened
+    for sock in opened:
+        sock.close()
+
+
+def connect_clients(
+    listening: socket.socket, clients: list[socket.socket], count: int
+) -> list[Any]:
+    """Connect ``count`` clients and wait until a connection is ready to accept."""
+    for _ in range(count):
+        client = socket.create_connection(listening.getsockname(), timeout=5)
+        clients.append(client)
+    readable, _, _ = select.select([listening], [], [], 5.0)
+    assert readable, "no connection became ready to accept within 5 s"
+    return [c.getsockname() for c in clients]
+
+
+def make_acceptor(listening: socket.socket) -> tuple[SharedSocketAcceptor, FakeReactor]:
+    reactor = FakeReactor()
+    factory = TaskServerFactory(Tasks().registry(), reactor)
+    return SharedSocketAcceptor(reactor, listening, factory), reactor
+
+
+def test_accepts_one_connection_per_read(
+    listening: socket.socket, clients: list[socket.socket]
+) -> None:
+    """Each wake-up accepts exactly one pending connection and leaves the rest queued."""
+    acceptor, reactor = make_acceptor(listening)
+    addresses = connect_clients(listening, clients, 3)
+    acceptor.doRead()
+    assert len(reactor.adopted) == 1
+    acceptor.doRead()
+    acceptor.doRead()
+    assert sorted(a["peer"] for a in reactor.adopted) == sorted(addresses)
+    assert acceptor.accepted == 3
+
+
+def test_adopts_into_factory_with_nodelay(
+    listening: socket.socket, clients: list[socket.socket]
+) -> None:
+    """An accepted TCP connection is handed to the task factory with Nagle off."""
+    acceptor, reactor = make_acceptor(listening)
+    connect_clients(listening, clients, 1)
+    acceptor.doRead()
+    [adopted] = reactor.adopted
+    assert adopted["family"] == socket.AF_INET
+    assert adopted["factory"] is acceptor._factory
+    assert adopted["nodelay"]
+
+
+def test_read_with_nothing_pending(listening: socket.socket) -> None:
+    """A wake-up with no connection pending (another process took it) does nothing."""
+    acceptor, reactor = make_acceptor(listening)
+    acceptor.resume()
+    acceptor.doRead()
+    assert reactor.adopted == []
+    assert reactor.registrations == ["addReader"]
+
+
+def test_capacity_pauses_and_resumes(listening: socket.socket) -> None:
+    """Losing capacity stops reading the socket; regaining it starts again, once each."""
+    acceptor, reactor = make_acceptor(listening)
+    acceptor.set_capacity(True)
+    acceptor.set_capacity(True)
+    assert reactor.readers == [acceptor]
+    acceptor.set_capacity(False)
+    acceptor.set_capacity(False)
+    assert reactor.readers == []
+    acceptor.set_capacity(True)
+    assert reactor.readers == [acceptor]
+    assert reactor.registrations == ["addReader", "removeReader", "addReader"]
+
+
+def test_stop(listening: socket.socket) -> None:
+    """After ``stop()`` the acceptor stops reading, closes its socket and never resumes."""
+    acceptor, reactor = make_acceptor(listening)
+    acceptor.resume()
+    acceptor.stop()
+    acceptor.set_capacity(True)
+    assert reactor.readers == []
+    assert listening.fileno() == -1
+
+
+class ExhaustedSocket:
+    """A listening socket whose ``accept()`` fails as when out of descriptors."""
+
+    family = socket.AF_INET
+
+    def __init__(self, error: int) -> None:
+        self.error = error
+
+    def accept(self) -> Any:
+        raise OSError(self.error, "accept failed")
+
+
+def test_out_of_descriptors_backs_off() -> None:
+    """Out of descriptors, the acceptor pauses 1 s instead of spinning."""
+    reactor = FakeReactor()
+    factory = TaskServerFactory(Tasks().registry(), reactor)
+    acceptor = SharedSocketAcceptor(reactor, ExhaustedSocket(errno.EMFILE), factory)  # type: ignore[arg-type]  # a fake socket
+    acceptor.resume()
+    with capturedLogs() as events:
+        acceptor.doRead()
+    assert reactor.readers == []
+    assert any("pausing" in e["log_format"] for e in events)
+    acceptor.set_capacity(True)
+    assert reactor.readers == []
+    reactor.advance(1.0)
+    assert reactor.readers == [acceptor]
+
+
+def test_aborted_connection_ignored() -> None:
+    """A connection aborted before it was accepted is skipped; reading goes on."""
+    reactor = FakeReactor()
+    factory = TaskServerFactory(Tasks().registry(), reactor)
+    acceptor = SharedSocketAcceptor(reactor, ExhaustedSocket(errno.ECONNABORTED), factory)  # type: ignore[arg-type]  # a fake socket
+    acceptor.resume()
+    acceptor.doRead()
+    assert reactor.readers == [acceptor]
+    assert reactor.adopted == []
