@@ -11,6 +11,9 @@ from twisted.application.service import IService, MultiService
 from twisted.python import usage
 
 from taskoffload import wire
+from taskoffload.client import PoolAddress
+from taskoffload.gateway import GatewayLimits
+from taskoffload.service import GatewayService
 from taskoffload.supervisor import PoolConfig, WorkerPoolService
 
 __all__ = ["Options", "makeService"]
@@ -55,7 +58,7 @@ class Options(usage.Options):
     )
 
     optParameters: list[list[Any]] = [
-        ["role", None, "worker", "worker, gateway or all."],
+        ["role", None, "all", "worker, gateway or all."],
         ["listen", None, None,
          "Server endpoint to listen on (worker default: "
          f"{DEFAULT_POOL_LISTEN}; gateway and all: {DEFAULT_GATEWAY_LISTEN})."],
@@ -69,6 +72,14 @@ class Options(usage.Options):
          "Seconds a stopping worker may spend finishing its tasks.", _positive_float],
         ["smtp-host", None, "localhost", "SMTP server for the send_mail example task."],
         ["smtp-port", None, 25, "Its port.", _positive_int],
+        ["max-inflight-per-client", None, 1000,
+         "Gateway: requests (batch items included) one client may have in flight.",
+         _positive_int],
+        ["max-pending", None, 100_000,
+         "Gateway: requests all clients together may have in flight.", _positive_int],
+        ["auto-ping", None, 30.0,
+         "Gateway: seconds between WebSocket pings; a peer silent as long again is dropped.",
+         _positive_float],
     ]
 
     def __init__(self) -> None:
@@ -87,23 +98,37 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         if self["role"] not in ROLES:
             raise usage.UsageError(f"--role must be one of {', '.join(ROLES)}, not {self['role']!r}")
-        if self["role"] != "worker":
-            raise usage.UsageError(
-                f"--role={self['role']} is not available yet; use --role=worker"
-            )
         if self["count"] is None:
             self["count"] = default_count()
         if not self["tasks"]:
             self["tasks"] = ["taskoffload.examples"]
         if self["listen"] is None:
             self["listen"] = DEFAULT_POOL_LISTEN if self["role"] == "worker" else DEFAULT_GATEWAY_LISTEN
-        for name in ("listen", "pool-listen"):
-            kind = self[name].split(":", 1)[0]
+        worker_listen = self["listen"] if self["role"] == "worker" else self["pool-listen"]
+        kind = worker_listen.split(":", 1)[0]
+        if kind not in ("tcp", "tcp6", "unix"):
+            name = "listen" if self["role"] == "worker" else "pool-listen"
+            raise usage.UsageError(
+                f"--{name} {worker_listen!r}: workers listen on a tcp:, tcp6: or unix: "
+                f"endpoint such as {DEFAULT_POOL_LISTEN} or unix:/path/to/socket"
+            )
+        if self["role"] != "worker":
+            kind = self["listen"].split(":", 1)[0]
             if kind not in ("tcp", "tcp6", "unix", "ssl"):
                 raise usage.UsageError(
-                    f"--{name} {self[name]!r}: expected an endpoint such as "
-                    f"{DEFAULT_POOL_LISTEN} or unix:/path/to/socket"
+                    f"--listen {self['listen']!r}: expected an endpoint such as "
+                    f"{DEFAULT_GATEWAY_LISTEN} or ssl:8443:privateKey=key.pem:certKey=cert.pem"
                 )
+        if self["role"] == "gateway":
+            if not self["pool"]:
+                self["pool"] = [DEFAULT_POOL]
+            for address in self["pool"]:
+                try:
+                    PoolAddress.parse(address)
+                except ValueError as e:
+                    raise usage.UsageError(f"--pool {address!r}: {e}") from None
+        elif self["pool"]:
+            raise usage.UsageError("--pool is for --role=gateway; role all uses its own pool")
 
     def pool_config(self, listen: str) -> PoolConfig:
         """:return: the worker pool's configuration from these options."""
@@ -121,8 +146,32 @@ class Options(usage.Options):
         )
 
 
+    def gateway_limits(self) -> GatewayLimits:
+        """:return: the gateway's bounds from these options."""
+        return GatewayLimits(
+            max_inflight_per_client=self["max-inflight-per-client"],
+            max_pending=self["max-pending"],
+            max_message=self["max-message"],
+        )
+
+
 def makeService(options: Options) -> IService:
     """Wire the services for the chosen role."""
     top = MultiService()
-    WorkerPoolService(options.pool_config(options["listen"])).setServiceParent(top)
+    role = options["role"]
+    if role == "worker":
+        WorkerPoolService(options.pool_config(options["listen"])).setServiceParent(top)
+        return top
+    pool: WorkerPoolService | None = None
+    if role == "all":
+        pool = WorkerPoolService(options.pool_config(options["pool-listen"]))
+        pool.setServiceParent(top)
+    GatewayService(
+        listen=options["listen"],
+        pool_addresses=options["pool"],
+        pool_service=pool,
+        limits=options.gateway_limits(),
+        auto_ping=options["auto-ping"],
+        stop_timeout=options["stop-timeout"],
+    ).setServiceParent(top)
     return top

@@ -1,0 +1,145 @@
+"""
+The gateway's one ``twisted.web`` site: ``/ws`` the WebSocket, ``/`` the live
+page, ``/status`` JSON and ``/metrics`` for Prometheus.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from importlib import resources
+from typing import Any
+
+import orjson
+from autobahn.twisted.resource import WebSocketResource
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+
+from taskoffload.gateway import GatewayFactory, GatewayStats
+
+__all__ = ["GatewayMetrics", "make_site"]
+
+
+class GatewayMetrics:
+    """Prometheus metrics of one gateway, in a registry of their own."""
+
+    def __init__(self, stats_source: Callable[[], dict[str, Any]]) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "taskoffload_requests",
+            "Final replies sent, by task function and outcome (ok or an error code).",
+            ["function", "outcome"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "taskoffload_request_seconds",
+            "Seconds from a request reaching the gateway to its final reply.",
+            registry=self.registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        clients = Gauge(
+            "taskoffload_clients", "WebSocket clients connected.", registry=self.registry
+        )
+        inflight = Gauge(
+            "taskoffload_inflight", "Requests (batch items included) awaiting their reply.",
+            registry=self.registry,
+        )
+        workers = Gauge(
+            "taskoffload_workers_serving", "Worker processes serving (role all only).",
+            registry=self.registry,
+        )
+        restarts = Gauge(
+            "taskoffload_worker_restarts", "Worker processes restarted (role all only).",
+            registry=self.registry,
+        )
+
+        def gateway() -> dict[str, Any]:
+            return stats_source().get("gateway", {})
+
+        def pool() -> dict[str, Any]:
+            return stats_source().get("pool") or {}
+
+        clients.set_function(lambda: gateway().get("clients", 0))
+        inflight.set_function(lambda: gateway().get("inflight", 0))
+        workers.set_function(lambda: pool().get("serving", 0))
+        restarts.set_function(lambda: pool().get("restarts", 0))
+
+    def finished(self, function: str, outcome: str, seconds: float) -> None:
+        """Record one final reply (see :class:`GatewayStats`)."""
+        self.requests.labels(function, outcome).inc()
+        if outcome != "overloaded":
+            self.latency.observe(seconds)
+
+
+class _Page(Resource):
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._body = resources.files("taskoffload").joinpath("static/index.html").read_bytes()
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-cache")
+        return self._body
+
+
+class _Status(Resource):
+    isLeaf = True
+
+    def __init__(self, source: Callable[[], dict[str, Any]]) -> None:
+        super().__init__()
+        self._source = source
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-cache")
+        return orjson.dumps(self._source(), option=orjson.OPT_INDENT_2)
+
+
+class _Metrics(Resource):
+    isLeaf = True
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__()
+        self._registry = registry
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
+        return generate_latest(self._registry)
+
+
+class _Root(Resource):
+    def __init__(self, page: Resource) -> None:
+        super().__init__()
+        self._page = page
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        if path == b"":
+            return self._page
+        return super().getChild(path, request)
+
+
+def make_site(
+    factory: GatewayFactory,
+    status: Callable[[], dict[str, Any]],
+    metrics: GatewayMetrics,
+) -> Site:
+    """
+    :param factory: the WebSocket factory served at ``/ws``.
+    :param status: returns the JSON document served at ``/status``.
+    :param metrics: served at ``/metrics``.
+    """
+    root = _Root(_Page())
+    root.putChild(b"ws", WebSocketResource(factory))
+    root.putChild(b"status", _Status(status))
+    root.putChild(b"metrics", _Metrics(metrics.registry))
+    site = Site(root)
+    site.noisy = False
+    return site
+
+
+def status_document(stats: GatewayStats, pool: Callable[[], dict[str, Any] | None]) -> dict[str, Any]:
+    """The ``/status`` document: ``gateway`` counters and, where known, the ``pool``."""
+    return {"gateway": stats.to_json(), "pool": pool()}
