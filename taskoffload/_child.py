@@ -15,10 +15,9 @@ import socket
 from typing import Any, NoReturn
 
 import orjson
+from twisted.internet.interfaces import IReadDescriptor
 from twisted.logger import LogEvent, formatEvent
 from zope.interface import implementer
-
-from twisted.internet.interfaces import IReadDescriptor
 
 #: Largest write that a pipe keeps whole when several processes write to it.
 PIPE_ATOMIC = 4096
@@ -134,7 +133,9 @@ def run_worker(
 
     events = EventWriter(events_fd, index)
     globalLogBeginner.beginLoggingTo(
-        [events.log_observer], discardBuffer=True, redirectStandardIO=True
+        [events.log_observer],  # type: ignore[list-item]  # a plain callable is an ILogObserver
+        discardBuffer=True,
+        redirectStandardIO=True,
     )
     log = Logger(namespace="taskoffload.worker")
     registry = load_tasks(config["tasks"])

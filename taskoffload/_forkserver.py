@@ -61,10 +61,10 @@ def _read_line(fd: int, buffer: bytearray) -> bytes | None:
 
 def _warm_up(config: dict[str, Any]) -> None:
     """Import everything a worker needs, so that forked children share it."""
-    import twisted.internet.default  # noqa: F401
-    import twisted.internet.epollreactor  # noqa: F401
-    import twisted.internet.tcp  # noqa: F401
-    import twisted.internet.unix  # noqa: F401
+    import twisted.internet.default
+    import twisted.internet.epollreactor
+    import twisted.internet.tcp
+    import twisted.internet.unix
     import twisted.logger  # noqa: F401
 
     import taskoffload.worker  # noqa: F401

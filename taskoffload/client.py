@@ -269,12 +269,12 @@ class TaskClientProtocol(LineReceiver):
         except wire.BadMessage as e:
             self.client._bad_reply(self, e.message)
             return
-        if type(reply) is wire.SessionAck:
+        if isinstance(reply, wire.SessionAck):
             if not self.accepted:
                 self.accepted = True
                 self.ready.callback(self)
             return
-        if type(reply) is wire.Goodbye:
+        if isinstance(reply, wire.Goodbye):
             self.client._goodbye(self)
             return
         self.client._reply_received(self, reply)
@@ -709,7 +709,9 @@ class TaskClient:
 
     # Called by TaskClientProtocol
 
-    def _reply_received(self, connection: TaskClientProtocol, reply: wire.Reply) -> None:
+    def _reply_received(
+        self, connection: TaskClientProtocol, reply: wire.Result | wire.ErrorReply | wire.Progress
+    ) -> None:
         call = connection.call
         if call is None or (
             reply.id != call.id and not (reply.id is None and type(reply) is wire.ErrorReply)

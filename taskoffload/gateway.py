@@ -166,7 +166,7 @@ class GatewayProtocol(WebSocketServerProtocol):
         self._count = 0
         self._open = True
         self.factory.stats.clients += 1
-        self.transport.registerProducer(_ReadPauser(self.transport), True)
+        self.transport.registerProducer(_ReadPauser(self.transport), True)  # type: ignore[union-attr]  # a TCP transport, connected
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         if not getattr(self, "_open", False):
@@ -240,30 +240,30 @@ class GatewayProtocol(WebSocketServerProtocol):
 
     # Sending
 
-    def _send(self, data: bytes) -> None:
+    def _reply(self, data: bytes) -> None:
         if self._open:
             self.sendMessage(data[:-1])  # one message per frame, without the newline
 
     def _reply_now(self, reply: wire.Reply) -> None:
-        self._send(wire.encode_reply(reply))
+        self._reply(wire.encode_reply(reply))
         if isinstance(reply, wire.ErrorReply):
             self.factory.stats.rejected("-", reply.code)
 
     def _overloaded(self, message: wire.Request, why: str) -> None:
-        self._send(wire.encode_reply(wire.ErrorReply(message.id, wire.OVERLOADED, f"{why}; retry later")))
+        self._reply(wire.encode_reply(wire.ErrorReply(message.id, wire.OVERLOADED, f"{why}; retry later")))
         self.factory.stats.rejected(message.function, wire.OVERLOADED)
 
     def _finish(self, pending: _Pending, reply: bytes, items: int) -> None:
         self._count -= items
         if pending.id is not None:
             del self._by_id[pending.id]
-            self._send(reply)
+            self._reply(reply)
             return
         pending.reply = reply
         while self._unnamed and self._unnamed[0].reply is not None:
             done = self._unnamed.popleft()
             assert done.reply is not None
-            self._send(done.reply)
+            self._reply(done.reply)
 
     # One request
 
@@ -293,7 +293,7 @@ class GatewayProtocol(WebSocketServerProtocol):
 
     def _single(self, pending: _Pending, request: wire.Request) -> None:
         def progress(value: Any) -> None:
-            self._send(wire.encode_reply(wire.Progress(request.id, value)))
+            self._reply(wire.encode_reply(wire.Progress(request.id, value)))
 
         d = self._call(request.function, request.args, request.kwargs, request.timeout, progress)
         pending.deferreds.append(d)
@@ -325,9 +325,9 @@ class GatewayProtocol(WebSocketServerProtocol):
                 results[index] = {"result": outcome}
             counts["done"] += 1
             if counts["done"] < total:
-                self._send(wire.encode_reply(wire.Progress(request.id, {**counts, "total": total})))
+                self._reply(wire.encode_reply(wire.Progress(request.id, {**counts, "total": total})))
                 return
-            self._send(wire.encode_reply(wire.Progress(request.id, {**counts, "total": total})))
+            self._reply(wire.encode_reply(wire.Progress(request.id, {**counts, "total": total})))
             self._finish(pending, wire.encode_reply(wire.Result(request.id, results)), total)
 
         for index, item in enumerate(items):
@@ -376,7 +376,7 @@ class GatewayFactory(WebSocketServerFactory):
     :param auto_ping: seconds between pings; a peer silent for as long again is dropped.
     """
 
-    protocol = GatewayProtocol
+    protocol = GatewayProtocol  # type: ignore[assignment]  # Autobahn's factories take a protocol class
 
     def __init__(
         self,

@@ -131,7 +131,9 @@ class GatewayService(Service):
     async def _stop(self) -> None:
         if self.port is not None:
             port, self.port = self.port, None
-            await port.stopListening()
+            stopped = port.stopListening()
+            if stopped is not None:
+                await stopped
         # Let the requests in flight finish (the pool, if ours, is still serving).
         deadline = self.reactor.seconds() + self.stop_timeout
         while self.stats is not None and self.stats.inflight > 0:

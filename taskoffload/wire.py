@@ -31,6 +31,7 @@ __all__ = [
     "BadMessage",
     "Cancel",
     "ErrorReply",
+    "Goodbye",
     "Message",
     "Progress",
     "Reply",
@@ -39,16 +40,15 @@ __all__ = [
     "Result",
     "Session",
     "SessionAck",
-    "Goodbye",
     "decode_message",
     "decode_reply",
     "dumps",
     "encode_cancel",
+    "encode_goodbye",
     "encode_reply",
     "encode_request",
     "encode_session",
     "encode_session_ack",
-    "encode_goodbye",
 ]
 
 #: Not JSON, not an object, or missing or ill-typed fields.
@@ -405,6 +405,10 @@ def encode_reply(reply: Reply) -> bytes:
         except (TypeError, ValueError, RecursionError):
             # reprlib bounds depth and length, where repr would recurse as deep as dumps.
             return dumps({"id": reply.id, "progress": reprlib.repr(reply.progress)}) + b"\n"
+    if isinstance(reply, SessionAck):
+        return encode_session_ack(reply)
+    if isinstance(reply, Goodbye):
+        return encode_goodbye(reply)
     error: dict[str, Any] = {"code": reply.code, "message": reply.message}
     if reply.type is not None:
         error["type"] = reply.type

@@ -124,7 +124,7 @@ class TaskServerProtocol(LineReceiver):
             message=f"message longer than the limit of {self.MAX_LENGTH} bytes",
         )
         self._send(wire.encode_reply(reply))
-        self.transport.loseConnection()
+        self.transport.loseConnection()  # type: ignore[union-attr]  # connected
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008  # Twisted's signature
         self._closing = True
@@ -214,7 +214,7 @@ class TaskServerProtocol(LineReceiver):
         # Already answered: its final reply is on its way or delivered.
 
     def _send(self, data: bytes) -> None:
-        self.transport.write(data)
+        self.transport.write(data)  # type: ignore[union-attr]  # connected
 
     def close(self) -> None:
         """
@@ -225,7 +225,7 @@ class TaskServerProtocol(LineReceiver):
         if self.idle and not self._closing:
             self._send(wire.encode_goodbye(wire.Goodbye(reason="worker stopping")))
         self._closing = True
-        self.transport.loseConnection()
+        self.transport.loseConnection()  # type: ignore[union-attr]  # connected
 
 
 
@@ -244,7 +244,7 @@ class TaskServerFactory(Factory):
     :param worker_id: how the worker names itself to clients (its process id).
     """
 
-    protocol = TaskServerProtocol
+    protocol = TaskServerProtocol  # type: ignore[assignment]  # a Protocol subclass, as Twisted expects
     log = Logger()
 
     def __init__(

@@ -21,13 +21,14 @@ def parse(*args: str) -> tap.Options:
 
 
 def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Defaults: role worker, 4 workers per CPU, concurrency 1, default address, examples."""
+    """Defaults: role all, 4 workers per CPU, concurrency 1, default addresses, examples."""
     monkeypatch.setattr(tap.os, "cpu_count", lambda: 3)
     options = parse()
-    assert options["role"] == "worker"
+    assert options["role"] == "all"
     assert options["count"] == 12
     assert options["concurrency"] == 1
-    assert options["listen"] == "tcp:12345:interface=127.0.0.1"
+    assert options["listen"] == "tcp:8080:interface=127.0.0.1"
+    assert options["pool-listen"] == "tcp:12345:interface=127.0.0.1"
     assert options["tasks"] == ["taskoffload.examples"]
     assert options["max-message"] == wire.DEFAULT_MAX_MESSAGE
     assert options["stop-timeout"] == 30.0
@@ -84,11 +85,34 @@ def test_unknown_role_rejected() -> None:
         parse("--role=butler")
 
 
-@pytest.mark.parametrize("role", ["gateway", "all"])
-def test_unavailable_role_rejected(role: str) -> None:
-    """The roles not yet available are rejected, pointing to --role=worker."""
-    with pytest.raises(usage.UsageError, match="--role=worker"):
-        parse(f"--role={role}")
+def test_worker_role_listen_default() -> None:
+    """The worker role listens on the pool's default address."""
+    assert parse("--role=worker")["listen"] == "tcp:12345:interface=127.0.0.1"
+
+
+def test_gateway_role_pool_default() -> None:
+    """The gateway role sends to the default pool address unless told otherwise."""
+    assert parse("--role=gateway")["pool"] == ["tcp:127.0.0.1:12345"]
+    given = parse("--role=gateway", "--pool=tcp:127.0.0.1:1", "--pool=unix:/p.sock")
+    assert given["pool"] == ["tcp:127.0.0.1:1", "unix:/p.sock"]
+
+
+def test_bad_pool_rejected() -> None:
+    """A --pool that is not an address is rejected naming it."""
+    with pytest.raises(usage.UsageError, match="--pool 'nonsense'"):
+        parse("--role=gateway", "--pool=nonsense")
+
+
+def test_pool_only_for_gateway() -> None:
+    """--pool with role all is refused: that role runs its own pool."""
+    with pytest.raises(usage.UsageError, match="--pool is for --role=gateway"):
+        parse("--pool=tcp:127.0.0.1:1")
+
+
+def test_ssl_not_for_workers() -> None:
+    """Workers refuse an ssl: endpoint (they serve plain TCP)."""
+    with pytest.raises(usage.UsageError, match="workers listen on a tcp:"):
+        parse("--role=worker", "--listen=ssl:9000")
 
 
 @pytest.mark.parametrize(
@@ -96,7 +120,9 @@ def test_unavailable_role_rejected(role: str) -> None:
 )
 def test_bad_listen_rejected(listen: str) -> None:
     """A listen address that is not a server endpoint string is rejected, with an example."""
-    with pytest.raises(usage.UsageError, match="expected an endpoint such as tcp:"):
+    with pytest.raises(usage.UsageError, match="tcp:"):
+        parse("--role=worker", f"--listen={listen}")
+    with pytest.raises(usage.UsageError, match="expected an endpoint such as tcp:8080"):
         parse(f"--listen={listen}")
 
 
@@ -109,7 +135,7 @@ def test_bad_pool_listen_rejected() -> None:
 @pytest.mark.parametrize("listen", ["tcp:9000", "tcp6:9000", "unix:/run/taskoffload.sock"])
 def test_endpoint_kinds_accepted(listen: str) -> None:
     """tcp, tcp6 and unix listen addresses are accepted as given."""
-    assert parse(f"--listen={listen}")["listen"] == listen
+    assert parse("--role=worker", f"--listen={listen}")["listen"] == listen
 
 
 def test_unknown_option_rejected() -> None:
@@ -121,6 +147,7 @@ def test_unknown_option_rejected() -> None:
 def test_make_service() -> None:
     """The service is a worker pool configured from the options, and starts nothing yet."""
     options = parse(
+        "--role=worker",
         "--listen=unix:/run/t.sock",
         "--count=2",
         "--concurrency=3",
@@ -144,3 +171,27 @@ def test_make_service() -> None:
         env={"TASKOFFLOAD_SMTP_HOST": "mail.example.org", "TASKOFFLOAD_SMTP_PORT": "2525"},
     )
     assert not pool.running
+
+
+def test_make_service_all() -> None:
+    """Role all runs a worker pool and a gateway that uses it."""
+    from taskoffload.service import GatewayService
+
+    top = tap.makeService(parse("--count=2"))
+    pool, gateway = list(top)
+    assert isinstance(pool, WorkerPoolService)
+    assert pool.config.listen == "tcp:12345:interface=127.0.0.1"
+    assert isinstance(gateway, GatewayService)
+    assert gateway.pool_service is pool
+    assert gateway.listen == "tcp:8080:interface=127.0.0.1"
+
+
+def test_make_service_gateway() -> None:
+    """Role gateway runs only a gateway, sending to the given pools."""
+    from taskoffload.service import GatewayService
+
+    top = tap.makeService(parse("--role=gateway", "--pool=tcp:127.0.0.1:1", "--pool=tcp:h:2"))
+    [gateway] = list(top)
+    assert isinstance(gateway, GatewayService)
+    assert gateway.pool_addresses == ["tcp:127.0.0.1:1", "tcp:h:2"]
+    assert gateway.pool_service is None
