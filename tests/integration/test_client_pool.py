@@ -8,7 +8,7 @@ import time
 
 import pytest
 import pytest_twisted
-from conftest import accepted_by_workers, client_ports, wait_for
+from conftest import accepted_by_workers, client_ports
 from twisted.internet import defer, task
 
 from taskoffload.client import TaskClient, TaskError
