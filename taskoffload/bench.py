@@ -172,7 +172,12 @@ def scenario_startup(options: argparse.Namespace, directory: str) -> dict[str, f
     """One run of ``startup``."""
     port = free_port()
     service = Service(
-        ["--role=worker", f"--count={options.count}", "--listen", f"tcp:{port}:interface=127.0.0.1"],
+        [
+            "--role=worker",
+            f"--count={options.count}",
+            "--listen",
+            f"tcp:{port}:interface=127.0.0.1",
+        ],
         directory,
     )
     try:
@@ -210,8 +215,11 @@ def summarize(runs: list[dict[str, float]]) -> dict[str, dict[str, float]]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run a scenario and print (and optionally save) its figures."""
-    parser = argparse.ArgumentParser(prog="python -m taskoffload.bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m taskoffload.bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("scenario", choices=sorted(SCENARIOS))
     parser.add_argument("--repeat", type=int, default=3, help="runs (default 3)")
     parser.add_argument("--count", type=int, default=100, help="workers (default 100)")

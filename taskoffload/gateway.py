@@ -61,9 +61,7 @@ class GatewayStats:
         final reply, e.g. to feed Prometheus metrics.
     """
 
-    def __init__(
-        self, on_finished: Callable[[str, str, float], None] | None = None
-    ) -> None:
+    def __init__(self, on_finished: Callable[[str, str, float], None] | None = None) -> None:
         self.clients = 0
         self.inflight = 0
         self.requests = 0
@@ -166,7 +164,16 @@ class GatewayProtocol(WebSocketServerProtocol):
         self._count = 0
         self._open = True
         self.factory.stats.clients += 1
-        self.transport.registerProducer(_ReadPauser(self.transport), True)  # type: ignore[union-attr]  # a TCP transport, connected
+        transport: Any = self.transport
+        pauser = _ReadPauser(transport)
+        try:
+            transport.registerProducer(pauser, True)
+        except RuntimeError:
+            # Behind twisted.web's WebSocketResource the HTTPChannel that handed the
+            # connection over is still its producer, and never pauses it (its request
+            # never ends): take its place.
+            transport.unregisterProducer()
+            transport.registerProducer(pauser, True)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         if not getattr(self, "_open", False):
@@ -180,7 +187,11 @@ class GatewayProtocol(WebSocketServerProtocol):
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if isBinary:
-            self._reply_now(wire.ErrorReply(None, wire.BAD_REQUEST, "binary frames are not requests; send JSON text"))
+            self._reply_now(
+                wire.ErrorReply(
+                    None, wire.BAD_REQUEST, "binary frames are not requests; send JSON text"
+                )
+            )
             return
         try:
             message = wire.decode_message(payload)
@@ -194,11 +205,15 @@ class GatewayProtocol(WebSocketServerProtocol):
                     d.cancel()
             return
         if isinstance(message, wire.Session):
-            self._reply_now(wire.ErrorReply(None, wire.BAD_REQUEST, "session options are for the worker port"))
+            self._reply_now(
+                wire.ErrorReply(None, wire.BAD_REQUEST, "session options are for the worker port")
+            )
             return
         if message.id is not None and message.id in self._by_id:
             self._reply_now(
-                wire.ErrorReply(message.id, wire.BAD_REQUEST, f"id {message.id!r} is already in flight")
+                wire.ErrorReply(
+                    message.id, wire.BAD_REQUEST, f"id {message.id!r} is already in flight"
+                )
             )
             return
         items = len(message.batch) if message.batch is not None else 1
@@ -207,7 +222,10 @@ class GatewayProtocol(WebSocketServerProtocol):
             self._reply_now(wire.ErrorReply(message.id, wire.BAD_REQUEST, "an empty batch"))
             return
         if self._count + items > limits.max_inflight_per_client:
-            self._overloaded(message, f"more than {limits.max_inflight_per_client} requests in flight on this connection")
+            self._overloaded(
+                message,
+                f"more than {limits.max_inflight_per_client} requests in flight on this connection",
+            )
             return
         if self.factory.stats.inflight + items > limits.max_pending:
             self._overloaded(message, f"the gateway has {limits.max_pending} requests pending")
@@ -250,7 +268,9 @@ class GatewayProtocol(WebSocketServerProtocol):
             self.factory.stats.rejected("-", reply.code)
 
     def _overloaded(self, message: wire.Request, why: str) -> None:
-        self._reply(wire.encode_reply(wire.ErrorReply(message.id, wire.OVERLOADED, f"{why}; retry later")))
+        self._reply(
+            wire.encode_reply(wire.ErrorReply(message.id, wire.OVERLOADED, f"{why}; retry later"))
+        )
         self.factory.stats.rejected(message.function, wire.OVERLOADED)
 
     def _finish(self, pending: _Pending, reply: bytes, items: int) -> None:
@@ -277,7 +297,9 @@ class GatewayProtocol(WebSocketServerProtocol):
     ) -> Deferred[wire.Result | wire.ErrorReply]:
         """Run one task; the Deferred always fires with a reply record, never fails."""
         started = self.factory.clock.seconds()
-        d = self.factory.pool.send_task(function, args, kwargs, timeout=timeout, on_progress=on_progress)
+        d = self.factory.pool.send_task(
+            function, args, kwargs, timeout=timeout, on_progress=on_progress
+        )
 
         def done(outcome: Any) -> Any:
             seconds = self.factory.clock.seconds() - started
@@ -305,7 +327,9 @@ class GatewayProtocol(WebSocketServerProtocol):
                 record = wire.Result(request.id, outcome)
             self._finish(pending, wire.encode_reply(record), 1)
 
-        d.addCallback(reply).addErrback(_log_failure, "Replying to request {id!r} failed", request.id)
+        d.addCallback(reply).addErrback(
+            _log_failure, "Replying to request {id!r} failed", request.id
+        )
 
     # A batch
 
@@ -325,7 +349,9 @@ class GatewayProtocol(WebSocketServerProtocol):
                 results[index] = {"result": outcome}
             counts["done"] += 1
             if counts["done"] < total:
-                self._reply(wire.encode_reply(wire.Progress(request.id, {**counts, "total": total})))
+                self._reply(
+                    wire.encode_reply(wire.Progress(request.id, {**counts, "total": total}))
+                )
                 return
             self._reply(wire.encode_reply(wire.Progress(request.id, {**counts, "total": total})))
             self._finish(pending, wire.encode_reply(wire.Result(request.id, results)), total)
@@ -338,7 +364,12 @@ class GatewayProtocol(WebSocketServerProtocol):
                 args, kwargs = tuple(item), dict(request.kwargs)
             else:
                 d: Deferred[Any] = Deferred()
-                d.callback(TaskError(wire.BAD_REQUEST, "a batch item is an object (keywords) or a list (positional)"))
+                d.callback(
+                    TaskError(
+                        wire.BAD_REQUEST,
+                        "a batch item is an object (keywords) or a list (positional)",
+                    )
+                )
                 self.factory.stats.finished(request.function, wire.BAD_REQUEST, 0.0)
                 d.addCallback(item_done, index)
                 continue
@@ -358,7 +389,9 @@ def _as_task_error(failure: Failure, function: str) -> TaskError:
     if failure.check(CancelledError):
         return TaskError(wire.CANCELLED, "cancelled")
     _log.failure("Unexpected failure calling {function}", failure, function=function)
-    return TaskError(wire.WORKER_LOST, f"the gateway could not run the task: {failure.getErrorMessage()}")
+    return TaskError(
+        wire.WORKER_LOST, f"the gateway could not run the task: {failure.getErrorMessage()}"
+    )
 
 
 def _log_failure(failure: Failure, message: str, request_id: wire.RequestId) -> None:

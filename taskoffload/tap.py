@@ -59,27 +59,58 @@ class Options(usage.Options):
 
     optParameters: list[list[Any]] = [
         ["role", None, "all", "worker, gateway or all."],
-        ["listen", None, None,
-         "Server endpoint to listen on (worker default: "
-         f"{DEFAULT_POOL_LISTEN}; gateway and all: {DEFAULT_GATEWAY_LISTEN})."],
-        ["pool-listen", None, DEFAULT_POOL_LISTEN,
-         "Role all: server endpoint the workers listen on."],
+        [
+            "listen",
+            None,
+            None,
+            "Server endpoint to listen on (worker default: "
+            f"{DEFAULT_POOL_LISTEN}; gateway and all: {DEFAULT_GATEWAY_LISTEN}).",
+        ],
+        [
+            "pool-listen",
+            None,
+            DEFAULT_POOL_LISTEN,
+            "Role all: server endpoint the workers listen on.",
+        ],
         ["count", None, None, "Worker processes (default: 4 x CPUs).", _positive_int],
         ["concurrency", None, 1, "Tasks one worker runs at once.", _positive_int],
-        ["max-message", None, wire.DEFAULT_MAX_MESSAGE,
-         "Longest accepted message, in bytes.", _positive_int],
-        ["stop-timeout", None, 30.0,
-         "Seconds a stopping worker may spend finishing its tasks.", _positive_float],
+        [
+            "max-message",
+            None,
+            wire.DEFAULT_MAX_MESSAGE,
+            "Longest accepted message, in bytes.",
+            _positive_int,
+        ],
+        [
+            "stop-timeout",
+            None,
+            30.0,
+            "Seconds a stopping worker may spend finishing its tasks.",
+            _positive_float,
+        ],
         ["smtp-host", None, "localhost", "SMTP server for the send_mail example task."],
         ["smtp-port", None, 25, "Its port.", _positive_int],
-        ["max-inflight-per-client", None, 1000,
-         "Gateway: requests (batch items included) one client may have in flight.",
-         _positive_int],
-        ["max-pending", None, 100_000,
-         "Gateway: requests all clients together may have in flight.", _positive_int],
-        ["auto-ping", None, 30.0,
-         "Gateway: seconds between WebSocket pings; a peer silent as long again is dropped.",
-         _positive_float],
+        [
+            "max-inflight-per-client",
+            None,
+            1000,
+            "Gateway: requests (batch items included) one client may have in flight.",
+            _positive_int,
+        ],
+        [
+            "max-pending",
+            None,
+            100_000,
+            "Gateway: requests all clients together may have in flight.",
+            _positive_int,
+        ],
+        [
+            "auto-ping",
+            None,
+            30.0,
+            "Gateway: seconds between WebSocket pings; a peer silent as long again is dropped.",
+            _positive_float,
+        ],
     ]
 
     def __init__(self) -> None:
@@ -97,13 +128,17 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         if self["role"] not in ROLES:
-            raise usage.UsageError(f"--role must be one of {', '.join(ROLES)}, not {self['role']!r}")
+            raise usage.UsageError(
+                f"--role must be one of {', '.join(ROLES)}, not {self['role']!r}"
+            )
         if self["count"] is None:
             self["count"] = default_count()
         if not self["tasks"]:
             self["tasks"] = ["taskoffload.examples"]
         if self["listen"] is None:
-            self["listen"] = DEFAULT_POOL_LISTEN if self["role"] == "worker" else DEFAULT_GATEWAY_LISTEN
+            self["listen"] = (
+                DEFAULT_POOL_LISTEN if self["role"] == "worker" else DEFAULT_GATEWAY_LISTEN
+            )
         worker_listen = self["listen"] if self["role"] == "worker" else self["pool-listen"]
         kind = worker_listen.split(":", 1)[0]
         if kind not in ("tcp", "tcp6", "unix"):
@@ -144,7 +179,6 @@ class Options(usage.Options):
                 "TASKOFFLOAD_SMTP_PORT": str(self["smtp-port"]),
             },
         )
-
 
     def gateway_limits(self) -> GatewayLimits:
         """:return: the gateway's bounds from these options."""

@@ -42,15 +42,18 @@ class GatewayMetrics:
             "taskoffload_clients", "WebSocket clients connected.", registry=self.registry
         )
         inflight = Gauge(
-            "taskoffload_inflight", "Requests (batch items included) awaiting their reply.",
+            "taskoffload_inflight",
+            "Requests (batch items included) awaiting their reply.",
             registry=self.registry,
         )
         workers = Gauge(
-            "taskoffload_workers_serving", "Worker processes serving (role all only).",
+            "taskoffload_workers_serving",
+            "Worker processes serving (role all only).",
             registry=self.registry,
         )
         restarts = Gauge(
-            "taskoffload_worker_restarts", "Worker processes restarted (role all only).",
+            "taskoffload_worker_restarts",
+            "Worker processes restarted (role all only).",
             registry=self.registry,
         )
 
@@ -140,6 +143,8 @@ def make_site(
     return site
 
 
-def status_document(stats: GatewayStats, pool: Callable[[], dict[str, Any] | None]) -> dict[str, Any]:
+def status_document(
+    stats: GatewayStats, pool: Callable[[], dict[str, Any] | None]
+) -> dict[str, Any]:
     """The ``/status`` document: ``gateway`` counters and, where known, the ``pool``."""
     return {"gateway": stats.to_json(), "pool": pool()}

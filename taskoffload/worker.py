@@ -228,7 +228,6 @@ class TaskServerProtocol(LineReceiver):
         self.transport.loseConnection()  # type: ignore[union-attr]  # connected
 
 
-
 class TaskServerFactory(Factory):
     """
     Builds :class:`TaskServerProtocol` and runs tasks for all connections of one
@@ -356,9 +355,7 @@ class TaskServerFactory(Factory):
             spec = self.registry.lookup(request.function)
             bound = spec.bind(request.args, request.kwargs)
         except wire.BadMessage as e:
-            return defer.succeed(
-                wire.ErrorReply(id=request.id, code=e.code, message=e.message)
-            )
+            return defer.succeed(wire.ErrorReply(id=request.id, code=e.code, message=e.message))
         if spec.wants_progress:
             bound.arguments[PROGRESS_PARAMETER] = progress
         timeout = request.timeout if request.timeout is not None else spec.timeout

@@ -797,9 +797,7 @@ def test_worker_busy_reply_resends_on_another_connection() -> None:
     pool = Pool()
     outcome = Outcome(pool.client.call("noop"))
     first = pool.accept()
-    first.reply(
-        {"id": 1, "error": {"code": "overloaded", "message": "busy", "type": "WorkerBusy"}}
-    )
+    first.reply({"id": 1, "error": {"code": "overloaded", "message": "busy", "type": "WorkerBusy"}})
     assert first.closing
     assert not outcome.fired
     second = pool.accept()

@@ -54,8 +54,9 @@ async def test_noop_not_stuck_behind_sleep(pool):
     client = _client(port)
     try:
         sleeping = client.call("sleep", seconds=2)
-        await task.deferLater(__import__("twisted.internet.reactor").internet.reactor, 0.1,
-                              lambda: None)
+        await task.deferLater(
+            __import__("twisted.internet.reactor").internet.reactor, 0.1, lambda: None
+        )
         start = time.monotonic()
         assert await client.call("noop") is None
         assert time.monotonic() - start < 0.2
@@ -73,8 +74,11 @@ async def test_sigkill_of_busy_worker(pool):
     try:
         calls = [client.call("whoami", delay=1) for _ in range(8)]
         await _poll(lambda: len(client_ports(tree, port)) == 8, 5, "8 connections")
-        await _poll(lambda: accepted_by_workers(tree, client_ports(tree, port)), 5,
-                    "every call to be taken by a worker")
+        await _poll(
+            lambda: accepted_by_workers(tree, client_ports(tree, port)),
+            5,
+            "every call to be taken by a worker",
+        )
         victim = sorted(tree.worker_pids())[0]
         os.kill(victim, signal.SIGKILL)
         killed_at = time.monotonic()
@@ -89,9 +93,7 @@ async def test_sigkill_of_busy_worker(pool):
         seen: set[int] = set()
         while len(seen) < 8:
             assert time.monotonic() - killed_at < 2.0, f"only {len(seen)} pids within 2 s"
-            batch = await defer.gatherResults(
-                [client.call("whoami", delay=0.2) for _ in range(8)]
-            )
+            batch = await defer.gatherResults([client.call("whoami", delay=0.2) for _ in range(8)])
             seen = {r["pid"] for r in batch}
         assert victim not in seen
     finally:
@@ -107,7 +109,10 @@ async def test_errors_arrive_as_task_errors(pool):
         with pytest.raises(TaskError) as raised:
             await client.call("fail", message="nope")
         assert (raised.value.code, raised.value.message, raised.value.type) == (
-            "task_failed", "nope", "TaskRaised")
+            "task_failed",
+            "nope",
+            "TaskRaised",
+        )
         with pytest.raises(TaskError) as raised:
             await client.call("sleep", wrong=1)
         assert raised.value.code == "bad_arguments"

@@ -39,10 +39,14 @@ BAD_INPUTS = [
     pytest.param(b"[1, 2, 3]\n", "bad_request", id="array"),
     pytest.param(b'{"id": 3, "args": {}}\n', "bad_request", id="missing-function"),
     pytest.param(b'{"id": 4, "function": "no_such_task"}\n', "unknown_function", id="unknown"),
-    pytest.param(b'{"id": 5, "function": "sleep", "args": {"secs": 1}}\n', "bad_arguments",
-                 id="wrong-argument-names"),
-    pytest.param(b'{"function": "echo", "args": {"a": "\xff\xfe"}}\n', "bad_request",
-                 id="invalid-utf8"),
+    pytest.param(
+        b'{"id": 5, "function": "sleep", "args": {"secs": 1}}\n',
+        "bad_arguments",
+        id="wrong-argument-names",
+    ),
+    pytest.param(
+        b'{"function": "echo", "args": {"a": "\xff\xfe"}}\n', "bad_request", id="invalid-utf8"
+    ),
     pytest.param(b"\n", "bad_request", id="empty-line"),
 ]
 
@@ -126,8 +130,9 @@ def test_sigterm_finishes_running_tasks_then_exits_zero(pool):
     tree, port = pool(8)
     clients = [LineClient(port) for _ in range(8)]
     for n, client in enumerate(clients):
-        client.send(json.dumps({"id": n, "function": "sleep", "args": {"seconds": 1}}).encode()
-                    + b"\n")
+        client.send(
+            json.dumps({"id": n, "function": "sleep", "args": {"seconds": 1}}).encode() + b"\n"
+        )
     ours = {c.socket.getsockname()[1] for c in clients}
 
     def all_accepted() -> bool:
