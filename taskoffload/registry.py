@@ -175,7 +175,8 @@ def _add(tasks: dict[str, TaskSpec], spec: TaskSpec, where: str) -> None:
 def load_tasks(module_names: Iterable[str], fresh: bool = False) -> TaskRegistry:
     """
     Import the named modules and register their tasks: every ``@task`` function
-    defined at module level, and the entries of a module-level ``TASKS`` mapping
+    in the module's namespace (defined there, or imported into it, so a package's
+    ``__init__`` can gather tasks from its modules), and the entries of a module-level ``TASKS`` mapping
     (name to function), if the module has one.
 
     :param fresh: import the modules anew even if already imported.

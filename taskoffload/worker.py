@@ -14,7 +14,12 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, IReadDescriptor
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHalfCloseableProtocol,
+    IReactorTime,
+    IReadDescriptor,
+)
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger, LogLevel
 from twisted.protocols.basic import LineReceiver
@@ -42,6 +47,7 @@ class _Job:
         self.done = False
 
 
+@implementer(IHalfCloseableProtocol)
 class TaskServerProtocol(LineReceiver):
     """
     Serve newline-delimited JSON requests on one connection.
@@ -59,6 +65,7 @@ class TaskServerProtocol(LineReceiver):
         self._running: _Job | None = None
         self._reservation: IDelayedCall | None = None
         self._closing = False
+        self._input_closed = False
         self._reject_when_busy = False
 
     # LineReceiver / IProtocol
@@ -112,6 +119,23 @@ class TaskServerProtocol(LineReceiver):
         if self._reservation is not None:
             self._release()
         self._next()
+
+    def readConnectionLost(self) -> None:
+        """
+        The client closed its side (``printf ... | nc -N``): answer what it sent,
+        then close.
+        """
+        self._input_closed = True
+        self._close_if_done()
+
+    def writeConnectionLost(self) -> None:
+        """Nothing more can be written: give up on the connection."""
+        self.transport.loseConnection()  # type: ignore[union-attr]  # connected
+
+    def _close_if_done(self) -> None:
+        if self._input_closed and self.idle and not self._closing:
+            self._closing = True
+            self.transport.loseConnection()  # type: ignore[union-attr]  # connected
 
     def lineLengthExceeded(self, line: bytes) -> None:
         """Answer an oversize line with ``bad_request``, then close the connection."""
@@ -188,6 +212,7 @@ class TaskServerProtocol(LineReceiver):
             self._send(wire.encode_reply(outcome))
         self.factory.state_changed()
         self._next()
+        self._close_if_done()
 
     def _progress(self, job: _Job, value: Any) -> None:
         if not job.done and not self._closing:

@@ -171,3 +171,14 @@ def test_bad_option_is_a_usage_error(twistd):
     tree = twistd("--role=bogus")
     assert tree.process.wait(timeout=20) != 0
     assert "--role must be one of" in tree.log()
+
+
+def test_half_closed_connection_gets_its_replies(pool):
+    """A client that sends and then shuts down its writing side still gets its replies."""
+    _, port = pool(1)
+    client = LineClient(port)
+    client.send(b'{"id": 1, "function": "echo", "args": {"x": 1}}\n{"id": 2, "function": "noop"}\n')
+    client.socket.shutdown(socket.SHUT_WR)
+    assert client.reply() == {"id": 1, "result": {"x": 1}}
+    assert client.reply() == {"id": 2, "result": None}
+    assert wait_for(client.closed, 5, what="the worker to close")
