@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -221,6 +221,16 @@ class GatewayProtocol(WebSocketServerProtocol):
         if message.batch is not None and not message.batch:
             self._reply_now(wire.ErrorReply(message.id, wire.BAD_REQUEST, "an empty batch"))
             return
+        if items > limits.max_inflight_per_client:
+            self._reply_now(
+                wire.ErrorReply(
+                    message.id,
+                    wire.BAD_REQUEST,
+                    f"a batch of {items} items is more than the {limits.max_inflight_per_client} "
+                    "a connection may have in flight; split it",
+                )
+            )
+            return
         if self._count + items > limits.max_inflight_per_client:
             self._overloaded(
                 message,
@@ -297,8 +307,13 @@ class GatewayProtocol(WebSocketServerProtocol):
     ) -> Deferred[wire.Result | wire.ErrorReply]:
         """Run one task; the Deferred always fires with a reply record, never fails."""
         started = self.factory.clock.seconds()
-        d = self.factory.pool.send_task(
-            function, args, kwargs, timeout=timeout, on_progress=on_progress
+        d = maybeDeferred(
+            self.factory.pool.send_task,
+            function,
+            args,
+            kwargs,
+            timeout=timeout,
+            on_progress=on_progress,
         )
 
         def done(outcome: Any) -> Any:
@@ -359,7 +374,7 @@ class GatewayProtocol(WebSocketServerProtocol):
         for index, item in enumerate(items):
             if isinstance(item, dict):
                 args: tuple[Any, ...] = ()
-                kwargs = item
+                kwargs = {**request.kwargs, **item}
             elif isinstance(item, list):
                 args, kwargs = tuple(item), dict(request.kwargs)
             else:

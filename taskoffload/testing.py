@@ -17,6 +17,7 @@ as :class:`~taskoffload.client.TaskClient` does.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -158,13 +159,12 @@ class FakeTaskPool:
         Record a call and, with ``tasks``, answer it at once.
 
         :return: the Deferred of the recorded :class:`FakeCall`.
-        :raises ValueError: if ``timeout`` is not positive, as the real client does.
+        :raises ValueError: if ``timeout`` is not a positive finite number, as
+            with the real client.
         """
-        if timeout is not None and not timeout > 0:
+        if timeout is not None and not 0 < timeout < math.inf:
             raise ValueError("timeout must be a positive number of seconds")
-        call = FakeCall(
-            function, tuple(args), dict(kwargs) if kwargs else {}, timeout, on_progress
-        )
+        call = FakeCall(function, tuple(args), dict(kwargs) if kwargs else {}, timeout, on_progress)
         self.calls.append(call)
         if self.tasks is not None:
             self._run(call, self.tasks)

@@ -13,7 +13,8 @@ import orjson
 from autobahn.twisted.resource import WebSocketResource
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from twisted.web.resource import Resource
+from twisted.web.pages import notFound
+from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
 from taskoffload.gateway import GatewayFactory, GatewayStats
@@ -118,10 +119,10 @@ class _Root(Resource):
         super().__init__()
         self._page = page
 
-    def getChild(self, path: bytes, request: Request) -> Resource:
+    def getChild(self, path: bytes, request: Request) -> IResource:
         if path == b"":
             return self._page
-        return super().getChild(path, request)
+        return notFound()
 
 
 def make_site(
