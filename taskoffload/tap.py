@@ -5,16 +5,17 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import IService, MultiService
 from twisted.python import usage
 
 from taskoffload import wire
 from taskoffload.client import PoolAddress
-from taskoffload.gateway import GatewayLimits
-from taskoffload.service import GatewayService
 from taskoffload.supervisor import PoolConfig, WorkerPoolService
+
+if TYPE_CHECKING:
+    from taskoffload.gateway import GatewayLimits
 
 __all__ = ["Options", "makeService"]
 
@@ -182,6 +183,8 @@ class Options(usage.Options):
 
     def gateway_limits(self) -> GatewayLimits:
         """:return: the gateway's bounds from these options."""
+        from taskoffload.gateway import GatewayLimits
+
         return GatewayLimits(
             max_inflight_per_client=self["max-inflight-per-client"],
             max_pending=self["max-pending"],
@@ -196,6 +199,10 @@ def makeService(options: Options) -> IService:
     if role == "worker":
         WorkerPoolService(options.pool_config(options["listen"])).setServiceParent(top)
         return top
+    # Imported here: Autobahn and prometheus_client cost the worker role's start
+    # a tenth of a second for nothing.
+    from taskoffload.service import GatewayService
+
     pool: WorkerPoolService | None = None
     if role == "all":
         pool = WorkerPoolService(options.pool_config(options["pool-listen"]))
