@@ -213,3 +213,20 @@ def client_ports(tree: Twistd, pool_port: int) -> set[int]:
         for c in psutil.Process().net_connections("tcp")
         if c.raddr and c.raddr.port == pool_port and c.status == psutil.CONN_ESTABLISHED
     }
+
+
+@pytest.fixture
+def twistd_trees(tmp_path: Path) -> Iterator[callable]:
+    """Like ``twistd``, but each tree runs in, and logs to, a directory of its own."""
+    started: list[Twistd] = []
+
+    def start(*args: str) -> Twistd:
+        directory = tmp_path / f"twistd-{len(started)}"
+        directory.mkdir()
+        tree = Twistd(directory, list(args)).start()
+        started.append(tree)
+        return tree
+
+    yield start
+    for tree in started:
+        tree.stop()
