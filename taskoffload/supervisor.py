@@ -377,26 +377,25 @@ class WorkerPoolService(Service):
         command = orjson.dumps({"cmd": "fork", "index": record.index}) + b"\n"
         self._fork_server.transport.write(command)
 
-    def _on_forked(self, event: dict[str, Any]) -> None:
+    def _new_process(self, event: dict[str, Any]) -> WorkerRecord | None:
+        """The slot of a "forked" or "serving" event, updated to the event's pid."""
         record = self.workers.get(event["index"])
-        if record is None:
-            return
-        if record.pid != event["pid"]:
-            # (A fast worker's "serving" may arrive before its "forked".)
+        if record is not None and record.pid != event["pid"]:
+            # The first of the two events for a new process: a fast worker's
+            # "serving" may arrive before the fork server's "forked".
             record.pid = event["pid"]
             record.started = self.reactor.seconds()
             record.serving = False
-        if self._stopping:
+        return record
+
+    def _on_forked(self, event: dict[str, Any]) -> None:
+        if self._new_process(event) is not None and self._stopping:
             os.kill(event["pid"], signal.SIGTERM)
 
     def _on_serving(self, event: dict[str, Any]) -> None:
-        record = self.workers.get(event["index"])
+        record = self._new_process(event)
         if record is None:
             return
-        if record.pid != event["pid"]:
-            # Its "forked" event is still on the way.
-            record.pid = event["pid"]
-            record.started = self.reactor.seconds()
         record.serving = True
         if self._count_serving() == self.config.count:
             elapsed = self.reactor.seconds() - self._launched_at
