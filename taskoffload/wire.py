@@ -203,9 +203,12 @@ class SessionAck:
     listening socket's queue and no request should be sent on it.
 
     :ivar worker: the worker's process id.
+    :ivar retry: the names of the worker's idempotent tasks (``@task(retry=True)``),
+        which a client may send once more if the worker is lost before replying.
     """
 
     worker: int | None
+    retry: tuple[str, ...] = ()
 
 
 @attrs.frozen
@@ -367,7 +370,10 @@ def encode_session(session: Session) -> bytes:
 
 def encode_session_ack(ack: SessionAck) -> bytes:
     """Encode a worker's session acknowledgement as one line."""
-    return dumps({"session": {"worker": ack.worker}}) + b"\n"
+    session: dict[str, Any] = {"worker": ack.worker}
+    if ack.retry:
+        session["retry"] = list(ack.retry)
+    return dumps({"session": session}) + b"\n"
 
 
 def encode_goodbye(goodbye: Goodbye) -> bytes:
@@ -425,7 +431,13 @@ def decode_reply(data: bytes) -> Reply:
     if isinstance(obj, dict) and "id" not in obj:
         if isinstance(obj.get("session"), dict):
             worker = obj["session"].get("worker")
-            return SessionAck(worker=worker if isinstance(worker, int) else None)
+            retry = obj["session"].get("retry")
+            return SessionAck(
+                worker=worker if isinstance(worker, int) else None,
+                retry=tuple(n for n in retry if isinstance(n, str))
+                if isinstance(retry, list)
+                else (),
+            )
         if isinstance(obj.get("goodbye"), str):
             return Goodbye(reason=obj["goodbye"])
     if not isinstance(obj, dict) or "id" not in obj or not _is_id(obj["id"]):

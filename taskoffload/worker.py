@@ -88,7 +88,7 @@ class TaskServerProtocol(LineReceiver):
             return
         if isinstance(message, wire.Session):
             self._reject_when_busy = message.reject_when_busy
-            self._send(wire.encode_session_ack(wire.SessionAck(worker=self.factory.worker_id)))
+            self._send(self.factory.session_ack)
             return
         if self._reject_when_busy and self.idle and self.factory.at_limit:
             # This process is busy with another connection's work; the client
@@ -282,6 +282,9 @@ class TaskServerFactory(Factory):
     ) -> None:
         self.registry = registry
         self.worker_id = worker_id
+        retry = tuple(sorted(name for name, spec in registry.tasks.items() if spec.retry))
+        #: The reply to a session line, the same for every connection.
+        self.session_ack = wire.encode_session_ack(wire.SessionAck(worker=worker_id, retry=retry))
         self.clock = clock
         self.concurrency = concurrency
         self.max_message = max_message

@@ -828,3 +828,23 @@ def test_aborted_connection_ignored() -> None:
     acceptor.doRead()
     assert reactor.readers == [acceptor]
     assert reactor.adopted == []
+
+
+def test_session_ack_names_retryable_tasks() -> None:
+    """The session acknowledgement names the worker and its ``retry=True`` tasks."""
+    from taskoffload.registry import TaskRegistry, task
+
+    @task(retry=True)
+    def idempotent() -> None: ...
+
+    @task
+    def once() -> None: ...
+
+    factory = TaskServerFactory(
+        TaskRegistry.from_functions([idempotent, once]), Clock(), worker_id=42
+    )
+    protocol = factory.buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(b'{"session": {"reject_when_busy": true}}\n')
+    assert orjson.loads(transport.value()) == {"session": {"worker": 42, "retry": ["idempotent"]}}
