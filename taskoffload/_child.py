@@ -110,6 +110,13 @@ class _Lifeline:
             on_close()
 
 
+def resident_mib() -> float:
+    """This process's resident memory, in MiB (Linux)."""
+    with open("/proc/self/statm", "rb") as statm:
+        pages = int(statm.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / (1024 * 1024)
+
+
 def run_worker(
     config: dict[str, Any], index: int, events_fd: int, listen_fd: int, lifeline_fd: int
 ) -> NoReturn:
@@ -154,6 +161,8 @@ def run_worker(
         max_message=config["max_message"],
         capacity_changed=capacity_changed,
         worker_id=os.getpid(),
+        idle_timeout=float(config.get("idle_timeout", 60.0)),
+        after_task=lambda: recycle_if_due(),
     )
     acceptor = SharedSocketAcceptor(reactor, listening, factory)
     stop_timeout = float(config["stop_timeout"])
@@ -165,6 +174,22 @@ def run_worker(
         if not stopping:
             stopping = True
             reactor.stop()  # type: ignore[attr-defined]  # IReactorCore
+
+    max_tasks = config.get("max_tasks_per_child")
+    max_rss = config.get("max_memory_per_child")  # MiB
+
+    def recycle_if_due() -> None:
+        if stopping:
+            return
+        reason = None
+        if max_tasks and factory.tasks_done >= max_tasks:
+            reason = f"ran {factory.tasks_done} tasks (--max-tasks-per-child {max_tasks})"
+        elif max_rss and (rss := resident_mib()) >= max_rss:
+            reason = f"uses {rss:.0f} MiB (--max-memory-per-child {max_rss})"
+        if reason is not None:
+            log.info("Recycling: {reason}", reason=reason)
+            events.send({"event": "recycling", "reason": reason})
+            stop_once()
 
     def supervisor_gone() -> None:
         log.warn("Supervisor is gone; stopping")

@@ -52,6 +52,12 @@ class PoolConfig:
     max_message: int = wire.DEFAULT_MAX_MESSAGE
     stop_timeout: float = 30.0
     env: dict[str, str] = attrs.field(factory=dict)
+    #: Seconds within which a started request line must be finished.
+    idle_timeout: float = 60.0
+    #: Replace a worker after this many tasks (``None``: never).
+    max_tasks_per_child: int | None = None
+    #: Replace a worker whose resident memory passes this many MiB (``None``: never).
+    max_memory_per_child: int | None = None
 
     def to_json(self) -> bytes:
         """The configuration line sent to the fork server."""
@@ -62,6 +68,9 @@ class PoolConfig:
                     "concurrency": self.concurrency,
                     "max_message": self.max_message,
                     "stop_timeout": self.stop_timeout,
+                    "idle_timeout": self.idle_timeout,
+                    "max_tasks_per_child": self.max_tasks_per_child,
+                    "max_memory_per_child": self.max_memory_per_child,
                     "env": self.env,
                     "path": [p for p in sys.path if p],
                 }
@@ -99,6 +108,8 @@ class WorkerRecord:
     delay: float = 0.0
     tasks_done: int = 0
     timer: IDelayedCall | None = None
+    recycling: bool = False
+    recycled: int = 0
 
 
 class _ForkServerProtocol(ProcessProtocol):
@@ -410,6 +421,17 @@ class WorkerPoolService(Service):
             for d in waiters:
                 d.callback(elapsed)
 
+    def _on_recycling(self, event: dict[str, Any]) -> None:
+        record = self.workers.get(event["index"])
+        if record is not None and record.pid == event["pid"]:
+            record.recycling = True
+            _log.info(
+                "Worker {index} (pid {pid}) recycles itself: {reason}",
+                index=record.index,
+                pid=record.pid,
+                reason=event.get("reason", ""),
+            )
+
     def _on_stopped(self, event: dict[str, Any]) -> None:
         record = self.workers.get(event["index"])
         if record is not None and record.pid == event["pid"]:
@@ -425,6 +447,13 @@ class WorkerPoolService(Service):
         pid, record.pid, record.serving = record.pid, None, False
         if self._stopping:
             self._fire_all_exited()
+            return
+        if record.recycling:
+            # A planned exit: replace it at once, and it is no crash.
+            record.recycling = False
+            record.recycled += 1
+            record.delay = 0.0
+            self._fork(record)
             return
         uptime = self.reactor.seconds() - record.started
         if uptime >= STABLE_SECONDS:
@@ -488,6 +517,7 @@ class WorkerPoolService(Service):
             "alive": sum(1 for r in self.workers.values() if r.pid is not None),
             "serving": self._count_serving(),
             "restarts": sum(r.restarts for r in self.workers.values()),
+            "recycled": sum(r.recycled for r in self.workers.values()),
             "workers": [
                 {
                     "index": r.index,
@@ -495,6 +525,7 @@ class WorkerPoolService(Service):
                     "state": "serving" if r.serving else ("starting" if r.pid else "down"),
                     "uptime": round(now - r.started, 3) if r.pid else None,
                     "restarts": r.restarts,
+                    "recycled": r.recycled,
                 }
                 for r in self.workers.values()
             ],

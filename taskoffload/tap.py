@@ -89,6 +89,27 @@ class Options(usage.Options):
             "Seconds a stopping worker may spend finishing its tasks.",
             _positive_float,
         ],
+        [
+            "idle-timeout",
+            None,
+            60.0,
+            "Seconds within which a started request line must be finished.",
+            _positive_float,
+        ],
+        [
+            "max-tasks-per-child",
+            None,
+            None,
+            "Replace a worker after it has run this many tasks.",
+            _positive_int,
+        ],
+        [
+            "max-memory-per-child",
+            None,
+            None,
+            "Replace a worker once its resident memory passes this many MiB.",
+            _positive_int,
+        ],
         ["smtp-host", None, "localhost", "SMTP server for the send_mail example task."],
         ["smtp-port", None, 25, "Its port.", _positive_int],
         [
@@ -175,6 +196,9 @@ class Options(usage.Options):
             tasks=tuple(self["tasks"]),
             max_message=self["max-message"],
             stop_timeout=self["stop-timeout"],
+            idle_timeout=self["idle-timeout"],
+            max_tasks_per_child=self["max-tasks-per-child"],
+            max_memory_per_child=self["max-memory-per-child"],
             env={
                 "TASKOFFLOAD_SMTP_HOST": self["smtp-host"],
                 "TASKOFFLOAD_SMTP_PORT": str(self["smtp-port"]),
@@ -192,8 +216,30 @@ class Options(usage.Options):
         )
 
 
+def raise_open_files_limit() -> tuple[int, int]:
+    """
+    Raise the soft limit on open files to the hard one: every client connection
+    is a descriptor, and 1024 is a common soft default.
+
+    :return: the (soft, hard) limits now in force.
+    """
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return (-1, -1)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass  # some systems cap it below an infinite hard limit; keep the soft one
+    return soft, hard
+
+
 def makeService(options: Options) -> IService:
     """Wire the services for the chosen role."""
+    raise_open_files_limit()
     top = MultiService()
     role = options["role"]
     if role == "worker":

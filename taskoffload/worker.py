@@ -64,6 +64,7 @@ class TaskServerProtocol(LineReceiver):
         self._queue: deque[_Job] = deque()
         self._running: _Job | None = None
         self._reservation: IDelayedCall | None = None
+        self._partial: IDelayedCall | None = None
         self._closing = False
         self._input_closed = False
         self._reject_when_busy = False
@@ -74,6 +75,32 @@ class TaskServerProtocol(LineReceiver):
         self.MAX_LENGTH = self.factory.max_message
         self._reservation = self.factory.clock.callLater(RESERVATION_SECONDS, self._release)
         self.factory.connection_opened(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        # A line must be completed within idle_timeout of its first byte, so a
+        # client that trickles or stalls (slowloris) cannot hold a connection.
+        if self._buffer and not self._closing:  # LineReceiver's unfinished line
+            if self._partial is None:
+                self._partial = self.factory.clock.callLater(
+                    self.factory.idle_timeout, self._partial_timed_out
+                )
+        elif self._partial is not None:
+            self._partial.cancel()
+            self._partial = None
+
+    def _partial_timed_out(self) -> None:
+        self._partial = None
+        if self._closing:
+            return
+        self._closing = True
+        reply = wire.ErrorReply(
+            id=None,
+            code=wire.BAD_REQUEST,
+            message=f"incomplete message: no newline within {self.factory.idle_timeout:g} s",
+        )
+        self._send(wire.encode_reply(reply))
+        self.transport.loseConnection()  # type: ignore[union-attr]  # connected
 
     def lineReceived(self, line: bytes) -> None:
         if self._closing:
@@ -155,6 +182,9 @@ class TaskServerProtocol(LineReceiver):
         if self._reservation is not None:
             self._reservation.cancel()
             self._reservation = None
+        if self._partial is not None:
+            self._partial.cancel()
+            self._partial = None
         self._queue.clear()
         running = self._running
         if running is not None and running.deferred is not None and not running.done:
@@ -213,6 +243,7 @@ class TaskServerProtocol(LineReceiver):
         self.factory.state_changed()
         self._next()
         self._close_if_done()
+        self.factory.task_finished()
 
     def _progress(self, job: _Job, value: Any) -> None:
         if not job.done and not self._closing:
@@ -266,6 +297,9 @@ class TaskServerFactory(Factory):
     :param capacity_changed: called with ``True`` when the process can take a new
         connection and ``False`` when it is at its limit.
     :param worker_id: how the worker names itself to clients (its process id).
+    :param idle_timeout: seconds within which a started line must be finished.
+    :param after_task: called after each task's final reply is written (the
+        worker process uses it to decide when to recycle itself).
     """
 
     protocol = TaskServerProtocol  # type: ignore[assignment]  # a Protocol subclass, as Twisted expects
@@ -279,7 +313,11 @@ class TaskServerFactory(Factory):
         max_message: int = wire.DEFAULT_MAX_MESSAGE,
         capacity_changed: Callable[[bool], None] | None = None,
         worker_id: int | None = None,
+        idle_timeout: float = 60.0,
+        after_task: Callable[[], None] | None = None,
     ) -> None:
+        self.idle_timeout = idle_timeout
+        self._after_task = after_task
         self.registry = registry
         self.worker_id = worker_id
         retry = tuple(sorted(name for name, spec in registry.tasks.items() if spec.retry))
@@ -343,6 +381,11 @@ class TaskServerFactory(Factory):
             waiters, self._drained = self._drained, []
             for d in waiters:
                 d.callback(None)
+
+    def task_finished(self) -> None:
+        """A task's final reply was written."""
+        if self._after_task is not None:
+            self._after_task()
 
     def drain(self) -> Deferred[None]:
         """

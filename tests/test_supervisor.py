@@ -460,3 +460,29 @@ def test_service_init_does_no_work() -> None:
     assert reactor.tcpServers == []
     assert reactor.unixServers == []
     assert reactor.getDelayedCalls() == []
+
+
+def test_recycling_worker_replaced_at_once_without_backoff() -> None:
+    """A worker that recycles itself is re-forked at once, however short its life."""
+    pool = Pool(count=1)
+    for n in range(3):
+        pid = 200 + n
+        pool.start_worker(0, pid)
+        pool.reactor.advance(0.1)
+        pool.event("recycling", index=0, pid=pid, reason="ran 3 tasks")
+        pool.event("exited", index=0, pid=pid, code=0)
+        assert pool.forks() == [0] * (n + 1)
+    status = pool.status()
+    assert status["recycled"] == 3
+    assert status["restarts"] == 0
+
+
+def test_recycling_limits_reach_the_workers() -> None:
+    """The recycling and idle limits are part of the configuration the workers read."""
+    config = PoolConfig(idle_timeout=5.0, max_tasks_per_child=10, max_memory_per_child=200)
+    sent = orjson.loads(config.to_json())
+    assert (sent["idle_timeout"], sent["max_tasks_per_child"], sent["max_memory_per_child"]) == (
+        5.0,
+        10,
+        200,
+    )

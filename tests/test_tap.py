@@ -195,3 +195,32 @@ def test_make_service_gateway() -> None:
     assert isinstance(gateway, GatewayService)
     assert gateway.pool_addresses == ["tcp:127.0.0.1:1", "tcp:h:2"]
     assert gateway.pool_service is None
+
+
+def test_open_files_limit_raised() -> None:
+    """At start the soft open-files limit is raised to the hard one."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard))
+        assert tap.raise_open_files_limit() == (hard, hard)
+        assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_recycling_options() -> None:
+    """Recycling and idle options reach the pool configuration."""
+    options = parse(
+        "--role=worker",
+        "--max-tasks-per-child=50",
+        "--max-memory-per-child=300",
+        "--idle-timeout=7",
+    )
+    config = options.pool_config(options["listen"])
+    assert (config.max_tasks_per_child, config.max_memory_per_child, config.idle_timeout) == (
+        50,
+        300,
+        7.0,
+    )

@@ -848,3 +848,56 @@ def test_session_ack_names_retryable_tasks() -> None:
     protocol.makeConnection(transport)
     protocol.dataReceived(b'{"session": {"reject_when_busy": true}}\n')
     assert orjson.loads(transport.value()) == {"session": {"worker": 42, "retry": ["idempotent"]}}
+
+
+def test_unfinished_line_times_out() -> None:
+    """A line left unfinished for ``idle_timeout`` gets ``bad_request`` and a close."""
+    clock = Clock()
+    factory = TaskServerFactory(TaskRegistry.from_functions([]), clock, idle_timeout=5.0)
+    protocol = factory.buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(b'{"function": "no')
+    clock.advance(2.0)
+    protocol.dataReceived(b"o")  # trickling does not restart the clock
+    clock.advance(3.0)
+    [reply] = [orjson.loads(line) for line in transport.value().splitlines()]
+    assert reply["error"]["code"] == "bad_request"
+    assert "no newline within 5 s" in reply["error"]["message"]
+    assert transport.disconnecting
+
+
+def test_finished_line_stops_the_idle_clock() -> None:
+    """A line finished in time leaves the connection open, however long it then idles."""
+    clock = Clock()
+    factory = TaskServerFactory(TaskRegistry.from_functions([]), clock, idle_timeout=5.0)
+    protocol = factory.buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(b'{"function": "nope"}')
+    clock.advance(4.0)
+    protocol.dataReceived(b"\n")
+    clock.advance(60.0)
+    assert not transport.disconnecting
+    assert orjson.loads(transport.value())["error"]["code"] == "unknown_function"
+
+
+def test_after_task_called_per_final_reply() -> None:
+    """The after-task hook runs once per task, after its reply is written."""
+    seen: list[bytes] = []
+
+    @task
+    def quick() -> int:
+        return 1
+
+    transport = StringTransport()
+    factory = TaskServerFactory(
+        TaskRegistry.from_functions([quick]),
+        Clock(),
+        after_task=lambda: seen.append(transport.value()),
+    )
+    protocol = factory.buildProtocol(None)
+    protocol.makeConnection(transport)
+    protocol.dataReceived(b'{"id": 1, "function": "quick"}\n{"id": 2, "function": "quick"}\n')
+    assert len(seen) == 2
+    assert b'"id":1' in seen[0] and b'"id":2' in seen[1]
