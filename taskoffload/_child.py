@@ -12,12 +12,15 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import time
 from typing import Any, NoReturn
 
 import orjson
 from twisted.internet.interfaces import IReadDescriptor
 from twisted.logger import LogEvent, formatEvent
 from zope.interface import implementer
+
+from taskoffload.worker import DeadlineExceeded, ISyncDeadlines
 
 #: Largest write that a pipe keeps whole when several processes write to it.
 PIPE_ATOMIC = 4096
@@ -110,6 +113,40 @@ class _Lifeline:
             on_close()
 
 
+@implementer(ISyncDeadlines)
+class AlarmDeadlines:
+    """
+    Holds synchronous tasks to their deadline with ``SIGALRM``: the handler raises
+    :class:`DeadlineExceeded` in the task.  Code the signal cannot interrupt (a C
+    call holding the interpreter) is the supervisor's to end: it is told each
+    deadline, and kills the process ``grace`` seconds after it.
+    """
+
+    def __init__(self, events: EventWriter, grace: float) -> None:
+        self._events = events
+        self._grace = grace
+        self._armed = False
+        signal.signal(signal.SIGALRM, self._expired)
+
+    def _expired(self, signum: int, frame: Any) -> None:
+        if self._armed:
+            self._armed = False
+            raise DeadlineExceeded("the task ran past its deadline")
+
+    def arm(self, seconds: float) -> None:
+        self._armed = True
+        self._events.send(
+            {"event": "deadline", "kill_at": time.monotonic() + seconds + self._grace}
+        )
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+
+    def disarm(self) -> None:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        if self._armed:
+            self._armed = False
+        self._events.send({"event": "deadline", "kill_at": None})
+
+
 def resident_mib() -> float:
     """This process's resident memory, in MiB (Linux)."""
     with open("/proc/self/statm", "rb") as statm:
@@ -162,6 +199,8 @@ def run_worker(
         capacity_changed=capacity_changed,
         worker_id=os.getpid(),
         idle_timeout=float(config.get("idle_timeout", 60.0)),
+        task_timeout=config.get("task_timeout"),
+        sync_deadlines=AlarmDeadlines(events, grace=float(config.get("kill_grace", 1.0))),
         after_task=lambda: recycle_if_due(),
     )
     acceptor = SharedSocketAcceptor(reactor, listening, factory)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -58,6 +59,11 @@ class PoolConfig:
     max_tasks_per_child: int | None = None
     #: Replace a worker whose resident memory passes this many MiB (``None``: never).
     max_memory_per_child: int | None = None
+    #: Deadline of tasks whose request and registration give none (``None``: none).
+    task_timeout: float | None = None
+    #: Seconds past a task's deadline before its worker is killed, if the task
+    #: could not be interrupted.
+    kill_grace: float = 1.0
 
     def to_json(self) -> bytes:
         """The configuration line sent to the fork server."""
@@ -71,6 +77,8 @@ class PoolConfig:
                     "idle_timeout": self.idle_timeout,
                     "max_tasks_per_child": self.max_tasks_per_child,
                     "max_memory_per_child": self.max_memory_per_child,
+                    "task_timeout": self.task_timeout,
+                    "kill_grace": self.kill_grace,
                     "env": self.env,
                     "path": [p for p in sys.path if p],
                 }
@@ -110,6 +118,8 @@ class WorkerRecord:
     timer: IDelayedCall | None = None
     recycling: bool = False
     recycled: int = 0
+    deadline_kill: IDelayedCall | None = None
+    killed_for_deadline: int = 0
 
 
 class _ForkServerProtocol(ProcessProtocol):
@@ -421,6 +431,38 @@ class WorkerPoolService(Service):
             for d in waiters:
                 d.callback(elapsed)
 
+    def _on_deadline(self, event: dict[str, Any]) -> None:
+        record = self.workers.get(event["index"])
+        if record is None or record.pid != event["pid"]:
+            return
+        if record.deadline_kill is not None and record.deadline_kill.active():
+            record.deadline_kill.cancel()
+        record.deadline_kill = None
+        kill_at = event.get("kill_at")
+        if kill_at is not None:
+            # Both processes read the same system-wide monotonic clock.
+            delay = max(float(kill_at) - time.monotonic(), 0.0)
+            record.deadline_kill = self.reactor.callLater(
+                delay, self._kill_overdue, record, record.pid
+            )
+
+    def _kill_overdue(self, record: WorkerRecord, pid: int) -> None:
+        record.deadline_kill = None
+        if record.pid != pid:
+            return
+        _log.warn(
+            "Worker {index} (pid {pid}) is still running a task {grace} s past its deadline; "
+            "killing it",
+            index=record.index,
+            pid=pid,
+            grace=self.config.kill_grace,
+        )
+        record.killed_for_deadline += 1
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
     def _on_recycling(self, event: dict[str, Any]) -> None:
         record = self.workers.get(event["index"])
         if record is not None and record.pid == event["pid"]:
@@ -445,6 +487,9 @@ class WorkerPoolService(Service):
 
     def _worker_gone(self, record: WorkerRecord, code: int | None) -> None:
         pid, record.pid, record.serving = record.pid, None, False
+        if record.deadline_kill is not None and record.deadline_kill.active():
+            record.deadline_kill.cancel()
+        record.deadline_kill = None
         if self._stopping:
             self._fire_all_exited()
             return
@@ -518,6 +563,7 @@ class WorkerPoolService(Service):
             "serving": self._count_serving(),
             "restarts": sum(r.restarts for r in self.workers.values()),
             "recycled": sum(r.recycled for r in self.workers.values()),
+            "killed_past_deadline": sum(r.killed_for_deadline for r in self.workers.values()),
             "workers": [
                 {
                     "index": r.index,

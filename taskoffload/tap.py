@@ -90,6 +90,14 @@ class Options(usage.Options):
             _positive_float,
         ],
         [
+            "task-timeout",
+            None,
+            None,
+            "Seconds a task may run when neither its call nor its @task gives a timeout; "
+            "a worker still running it a second later is killed.",
+            _positive_float,
+        ],
+        [
             "idle-timeout",
             None,
             60.0,
@@ -197,6 +205,7 @@ class Options(usage.Options):
             max_message=self["max-message"],
             stop_timeout=self["stop-timeout"],
             idle_timeout=self["idle-timeout"],
+            task_timeout=self["task-timeout"],
             max_tasks_per_child=self["max-tasks-per-child"],
             max_memory_per_child=self["max-memory-per-child"],
             env={

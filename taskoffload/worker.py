@@ -24,7 +24,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger, LogLevel
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
-from zope.interface import implementer
+from zope.interface import Interface, implementer
 
 from taskoffload import wire
 from taskoffload.registry import PROGRESS_PARAMETER, TaskRegistry
@@ -300,6 +300,10 @@ class TaskServerFactory(Factory):
     :param idle_timeout: seconds within which a started line must be finished.
     :param after_task: called after each task's final reply is written (the
         worker process uses it to decide when to recycle itself).
+    :param task_timeout: the deadline of tasks whose request and registration
+        give none.
+    :param sync_deadlines: interrupts synchronous tasks at their deadline; without
+        it only Deferred-returning tasks are held to one.
     """
 
     protocol = TaskServerProtocol  # type: ignore[assignment]  # a Protocol subclass, as Twisted expects
@@ -315,7 +319,11 @@ class TaskServerFactory(Factory):
         worker_id: int | None = None,
         idle_timeout: float = 60.0,
         after_task: Callable[[], None] | None = None,
+        task_timeout: float | None = None,
+        sync_deadlines: ISyncDeadlines | None = None,
     ) -> None:
+        self.task_timeout = task_timeout
+        self._sync_deadlines = sync_deadlines
         self.idle_timeout = idle_timeout
         self._after_task = after_task
         self.registry = registry
@@ -430,9 +438,20 @@ class TaskServerFactory(Factory):
         if spec.wants_progress:
             bound.arguments[PROGRESS_PARAMETER] = progress
         timeout = request.timeout if request.timeout is not None else spec.timeout
+        if timeout is None:
+            timeout = self.task_timeout
+        deadline = None if timeout is None else self.clock.seconds() + timeout
+        sync_deadlines = self._sync_deadlines
 
         def start() -> Deferred[Any]:
-            started = defer.maybeDeferred(spec.function, *bound.args, **bound.kwargs)
+            if deadline is None or sync_deadlines is None:
+                started = defer.maybeDeferred(spec.function, *bound.args, **bound.kwargs)
+            else:
+                sync_deadlines.arm(max(deadline - self.clock.seconds(), 0.001))
+                try:
+                    started = defer.maybeDeferred(spec.function, *bound.args, **bound.kwargs)
+                finally:
+                    sync_deadlines.disarm()
             return started.addCallback(_await_coroutine)
 
         d = self._slots.run(start)
@@ -447,7 +466,7 @@ class TaskServerFactory(Factory):
             self.tasks_done += 1
             if failure.check(CancelledError):
                 return failure
-            if failure.check(TimeoutError):
+            if failure.check(TimeoutError, DeadlineExceeded):
                 return wire.ErrorReply(
                     id=request.id,
                     code=wire.TIMEOUT,
@@ -469,6 +488,20 @@ class TaskServerFactory(Factory):
 
         d.addCallbacks(succeeded, failed)
         return d
+
+
+class DeadlineExceeded(Exception):
+    """Raised inside a synchronous task that runs past its deadline."""
+
+
+class ISyncDeadlines(Interface):
+    """Bounds the synchronous part of a task, which no Deferred timeout can interrupt."""
+
+    def arm(seconds: float) -> None:
+        """Make the running code raise :class:`DeadlineExceeded` in ``seconds``."""
+
+    def disarm() -> None:
+        """The synchronous part returned: cancel what :meth:`arm` set."""
 
 
 def _await_coroutine(value: Any) -> Any:

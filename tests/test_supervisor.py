@@ -486,3 +486,34 @@ def test_recycling_limits_reach_the_workers() -> None:
         10,
         200,
     )
+
+
+def test_worker_past_deadline_killed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker still in a task ``kill_grace`` after its deadline is SIGKILLed."""
+    import signal as signals
+    import time
+
+    killed: list[tuple[int, int]] = []
+    monkeypatch.setattr(supervisor.os, "kill", lambda pid, sig: killed.append((pid, sig)))
+    pool = Pool(count=1)
+    pool.start_worker(0, 300)
+    pool.event("deadline", index=0, pid=300, kill_at=time.monotonic() + 2.0)
+    pool.reactor.advance(1.0)
+    assert killed == []
+    pool.reactor.advance(1.5)
+    assert killed == [(300, signals.SIGKILL)]
+    assert pool.status()["killed_past_deadline"] == 1
+
+
+def test_deadline_cleared_when_task_returns(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A task that returns in time cancels its kill."""
+    import time
+
+    killed: list[tuple[int, int]] = []
+    monkeypatch.setattr(supervisor.os, "kill", lambda pid, sig: killed.append((pid, sig)))
+    pool = Pool(count=1)
+    pool.start_worker(0, 301)
+    pool.event("deadline", index=0, pid=301, kill_at=time.monotonic() + 2.0)
+    pool.event("deadline", index=0, pid=301, kill_at=None)
+    pool.reactor.advance(10.0)
+    assert killed == []

@@ -21,11 +21,15 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel, capturedLogs
 from twisted.python.failure import Failure
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
 
 from taskoffload import wire
 from taskoffload.registry import TaskRegistry, task
 from taskoffload.worker import (
     RESERVATION_SECONDS,
+    DeadlineExceeded,
+    ISyncDeadlines,
     SharedSocketAcceptor,
     TaskServerFactory,
     TaskServerProtocol,
@@ -901,3 +905,62 @@ def test_after_task_called_per_final_reply() -> None:
     protocol.dataReceived(b'{"id": 1, "function": "quick"}\n{"id": 2, "function": "quick"}\n')
     assert len(seen) == 2
     assert b'"id":1' in seen[0] and b'"id":2' in seen[1]
+
+
+@implementer(ISyncDeadlines)
+class RecordingDeadlines:
+    """An ``ISyncDeadlines`` that records its use."""
+
+    def __init__(self) -> None:
+        self.calls: list[Any] = []
+
+    def arm(self, seconds: float) -> None:
+        self.calls.append(("arm", seconds))
+
+    def disarm(self) -> None:
+        self.calls.append("disarm")
+
+
+def test_sync_deadline_armed_around_the_task() -> None:
+    """A task with a timeout runs between arm(timeout) and disarm."""
+    deadlines = RecordingDeadlines()
+    verifyObject(ISyncDeadlines, deadlines)
+    seen: list[Any] = []
+
+    @task
+    def quick() -> int:
+        seen.append(list(deadlines.calls))
+        return 1
+
+    factory = TaskServerFactory(
+        TaskRegistry.from_functions([quick]), Clock(), sync_deadlines=deadlines
+    )
+    protocol = factory.buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(b'{"id": 1, "function": "quick", "timeout": 2}\n')
+    protocol.dataReceived(b'{"id": 2, "function": "quick"}\n')
+    assert seen == [[("arm", 2.0)], [("arm", 2.0), "disarm"]]
+    assert deadlines.calls == [("arm", 2.0), "disarm"]
+
+
+def test_deadline_exceeded_is_a_timeout_reply() -> None:
+    """A synchronous task interrupted at its deadline is answered ``timeout``."""
+
+    @task
+    def stuck() -> None:
+        raise DeadlineExceeded("the task ran past its deadline")
+
+    factory = TaskServerFactory(
+        TaskRegistry.from_functions([stuck]),
+        Clock(),
+        task_timeout=3.0,
+        sync_deadlines=RecordingDeadlines(),
+    )
+    protocol = factory.buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(b'{"id": 1, "function": "stuck"}\n')
+    reply = orjson.loads(transport.value())
+    assert reply["error"]["code"] == "timeout"
+    assert "3.0 s" in reply["error"]["message"]
