@@ -231,8 +231,10 @@ def run_worker(
             stop_once()
 
     def supervisor_gone() -> None:
-        log.warn("Supervisor is gone; stopping")
-        stop_once()
+        # (The reactor also reports the lifeline lost when it shuts down.)
+        if not stopping:
+            log.warn("Supervisor is gone; stopping")
+            stop_once()
 
     def on_signal(signum: int, frame: Any) -> None:
         reactor.callFromThread(stop_once)  # type: ignore[attr-defined]  # IReactorThreads

@@ -118,6 +118,7 @@ class WorkerRecord:
     timer: IDelayedCall | None = None
     recycling: bool = False
     recycled: int = 0
+    reloading: bool = False
     deadline_kill: IDelayedCall | None = None
     killed_for_deadline: int = 0
 
@@ -129,6 +130,10 @@ class _ForkServerProtocol(ProcessProtocol):
         self._service = service
         self._buffers = {1: b"", 2: b""}
         self.ended: Deferred[None] = Deferred()
+        #: Write end of this fork server's lifeline, closed when it has ended.
+        self.lifeline: int | None = None
+        self.ready = False
+        self.started = 0.0
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         buffer = self._buffers.get(childFD, b"") + data
@@ -136,11 +141,14 @@ class _ForkServerProtocol(ProcessProtocol):
         self._buffers[childFD] = rest
         for line in lines:
             if childFD == 1:
-                self._service.event_received(line)
+                self._service.event_received(line, self)
             elif line.strip():
                 self._service.raw_output(line)
 
     def processEnded(self, reason: Failure) -> None:
+        if self.lifeline is not None:
+            os.close(self.lifeline)
+            self.lifeline = None
         self.ended.callback(None)
         self._service.fork_server_ended(self, reason)
 
@@ -162,7 +170,14 @@ class WorkerPoolService(Service):
         self._fork_server: _ForkServerProtocol | None = None
         self._fork_server_delay = 0.0
         self._fork_server_timer: IDelayedCall | None = None
-        self._lifeline: int | None = None
+        # A fork server starting with fresh code, during a rolling reload.
+        self._next_fork_server: _ForkServerProtocol | None = None
+        # Fork servers whose workers are being replaced.
+        self._old_fork_servers: list[_ForkServerProtocol] = []
+        # Slots still to replace in the rolling reload under way, or None.
+        self._reload_queue: list[int] | None = None
+        self._reloading_slot: int | None = None
+        self.reloads = 0
         self._stopping = False
         self._launched_at = 0.0
         self._all_serving: list[Deferred[float]] = []
@@ -221,27 +236,33 @@ class WorkerPoolService(Service):
         def on_sigterm(signum: int, frame: Any) -> None:
             self.reactor.callFromThread(self._stop_reactor)
 
+        def on_sighup(signum: int, frame: Any) -> None:
+            self.reactor.callFromThread(self.reload)
+
         signal.signal(signal.SIGTERM, on_sigterm)
+        signal.signal(signal.SIGHUP, on_sighup)
 
     def _stop_reactor(self) -> None:
         if not self._stopping and self.reactor.running:
             _log.info("Received SIGTERM: stopping gracefully")
             self.reactor.stop()
 
-    def _spawn_fork_server(self) -> None:
+    def _spawn_fork_server(self, for_reload: bool = False) -> None:
         self._fork_server_timer = None
         if self._stopping or self.port is None:
             return
-        # A fresh lifeline per fork server: closing the old write end tells any
-        # worker of a previous fork server to stop.
-        if self._lifeline is not None:
-            os.close(self._lifeline)
-        lifeline_r, self._lifeline = os.pipe()
+        # Each fork server has its own lifeline: its workers stop when its write
+        # end closes, which happens when the supervisor dies.
+        lifeline_r, lifeline_w = os.pipe()
         protocol = _ForkServerProtocol(self)
-        self._fork_server = protocol
+        protocol.lifeline = lifeline_w
+        protocol.started = self.reactor.seconds()
+        if for_reload:
+            self._next_fork_server = protocol
+        else:
+            self._fork_server = protocol
         env = dict(os.environ)
         env["PYTHONUNBUFFERED"] = "1"
-        self._fork_server_started = self.reactor.seconds()
         self.reactor.spawnProcess(
             protocol,
             sys.executable,
@@ -281,8 +302,10 @@ class WorkerPoolService(Service):
             except defer.TimeoutError:
                 _log.warn("Workers still running after the stop timeout; killing them")
                 self._signal_workers(signal.SIGKILL)
-        fork_server = self._fork_server
-        if fork_server is not None and fork_server.transport is not None:
+        servers = [self._fork_server, self._next_fork_server, *self._old_fork_servers]
+        for fork_server in servers:
+            if fork_server is None or fork_server.transport is None or fork_server.ended.called:
+                continue
             fork_server.transport.closeStdin()  # type: ignore[attr-defined]  # IProcessTransport
             ended = fork_server.ended
             ended.addTimeout(5.0, self.reactor)
@@ -293,9 +316,9 @@ class WorkerPoolService(Service):
                     fork_server.transport.signalProcess("KILL")  # type: ignore[attr-defined]  # IProcessTransport
                 except Exception:
                     pass
-        if self._lifeline is not None:
-            os.close(self._lifeline)
-            self._lifeline = None
+            if fork_server.lifeline is not None:
+                os.close(fork_server.lifeline)
+                fork_server.lifeline = None
         if self.port is not None:
             port, self.port = self.port, None
             stopped = port.stopListening()
@@ -343,8 +366,8 @@ class WorkerPoolService(Service):
 
     # Events from the fork server and the workers
 
-    def event_received(self, line: bytes) -> None:
-        """Handle one JSON event line from the fork server or a worker."""
+    def event_received(self, line: bytes, source: _ForkServerProtocol | None = None) -> None:
+        """Handle one JSON event line from a fork server (``source``) or its workers."""
         try:
             event = orjson.loads(line)
             kind = event["event"]
@@ -356,7 +379,10 @@ class WorkerPoolService(Service):
             _log.warn("Unknown event from the pool: {event!r}", event=event)
             return
         try:
-            handler(event)
+            if kind in ("ready", "failed"):
+                handler(event, source)  # type: ignore[call-arg]  # these two take the source
+            else:
+                handler(event)
         except (KeyError, TypeError, ValueError):
             # A malformed event must not cost us the pipe, and with it every
             # later exit notice.
@@ -380,15 +406,78 @@ class WorkerPoolService(Service):
             text=event.get("text", ""),
         )
 
-    def _on_ready(self, event: dict[str, Any]) -> None:
-        self._fork_server_ready_at = self.reactor.seconds()
+    def _on_ready(self, event: dict[str, Any], source: _ForkServerProtocol | None = None) -> None:
+        if source is not None:
+            source.ready = True
+        if source is not None and source is self._next_fork_server:
+            # The fresh code imported: replace the workers one slot at a time.
+            self._next_fork_server = None
+            if self._fork_server is not None:
+                self._old_fork_servers.append(self._fork_server)
+            self._fork_server = source
+            self._reload_next()
+            return
         for record in self.workers.values():
             if record.pid is None and record.timer is None:
                 self._fork(record)
 
-    def _on_failed(self, event: dict[str, Any]) -> None:
-        _log.error(
-            "The worker pool cannot start: {text}", text=event.get("text", "(no reason given)")
+    def _on_failed(self, event: dict[str, Any], source: _ForkServerProtocol | None = None) -> None:
+        text = event.get("text", "(no reason given)")
+        if source is not None and source is self._next_fork_server:
+            self._next_fork_server = None
+            self._reload_queue = None
+            _log.error("Reload aborted, the workers keep the old code: {text}", text=text)
+            return
+        _log.error("The worker pool cannot start: {text}", text=text)
+
+    # Rolling reload
+
+    def reload(self) -> None:
+        """
+        Replace every worker with one running the task modules imported afresh,
+        one slot at a time, each after its tasks finish: a code deploy without a
+        failed request.  A reload asked for during another is ignored.
+        """
+        if self._stopping or self.port is None or self._fork_server is None:
+            return
+        if self._reload_queue is not None or self._next_fork_server is not None:
+            _log.info("A reload is already under way")
+            return
+        _log.info("Reloading: starting a fork server with the task modules imported afresh")
+        self._reload_queue = sorted(self.workers)
+        self._reload_started = self.reactor.seconds()
+        self._spawn_fork_server(for_reload=True)
+
+    def _reload_next(self) -> None:
+        queue = self._reload_queue
+        if queue is None:
+            return
+        while queue:
+            record = self.workers[queue.pop(0)]
+            self._reloading_slot = record.index
+            if record.pid is None:
+                if record.timer is None:
+                    self._fork(record)
+                return  # (a slot waiting for a backoff restart gets new code then)
+            record.reloading = True
+            _log.info(
+                "Reload: replacing worker {index} (pid {pid}) once its tasks finish",
+                index=record.index,
+                pid=record.pid,
+            )
+            os.kill(record.pid, signal.SIGTERM)
+            return
+        self._reload_queue = None
+        self._reloading_slot = None
+        self.reloads += 1
+        for old in self._old_fork_servers:
+            if old.transport is not None and not old.ended.called:
+                old.transport.closeStdin()  # type: ignore[attr-defined]  # IProcessTransport
+        self._old_fork_servers = [s for s in self._old_fork_servers if not s.ended.called]
+        _log.info(
+            "Reload complete: {count} workers replaced in {elapsed:.2f} s",
+            count=self.config.count,
+            elapsed=self.reactor.seconds() - self._reload_started,
         )
 
     def _fork(self, record: WorkerRecord) -> None:
@@ -418,6 +507,8 @@ class WorkerPoolService(Service):
         if record is None:
             return
         record.serving = True
+        if self._reloading_slot == record.index:
+            self._reload_next()
         if self._count_serving() == self.config.count:
             elapsed = self.reactor.seconds() - self._launched_at
             if self.serving_after is None:
@@ -493,8 +584,10 @@ class WorkerPoolService(Service):
         if self._stopping:
             self._fire_all_exited()
             return
-        if record.recycling:
-            # A planned exit: replace it at once, and it is no crash.
+        if record.reloading or record.recycling:
+            # A planned exit: replace it at once (from the current fork server,
+            # with the new code during a reload), and it is no crash.
+            record.reloading = False
             record.recycling = False
             record.recycled += 1
             record.delay = 0.0
@@ -522,6 +615,16 @@ class WorkerPoolService(Service):
 
     def fork_server_ended(self, protocol: _ForkServerProtocol, reason: Failure) -> None:
         """The fork server exited; if that was not asked for, start another."""
+        if protocol in self._old_fork_servers:
+            self._old_fork_servers.remove(protocol)
+        if protocol is self._next_fork_server:
+            self._next_fork_server = None
+            self._reload_queue = None
+            _log.error(
+                "Reload aborted: the new fork server exited ({reason})",
+                reason=reason.getErrorMessage(),
+            )
+            return
         if protocol is not self._fork_server:
             return
         self._fork_server = None
@@ -536,7 +639,7 @@ class WorkerPoolService(Service):
         if self._stopping:
             self._fire_all_exited()
             return
-        uptime = self.reactor.seconds() - self._fork_server_started
+        uptime = self.reactor.seconds() - protocol.started
         if uptime >= STABLE_SECONDS * 5:
             self._fork_server_delay = 0.0
         else:
@@ -563,6 +666,8 @@ class WorkerPoolService(Service):
             "serving": self._count_serving(),
             "restarts": sum(r.restarts for r in self.workers.values()),
             "recycled": sum(r.recycled for r in self.workers.values()),
+            "reloads": self.reloads,
+            "reloading": self._reload_queue is not None or self._next_fork_server is not None,
             "killed_past_deadline": sum(r.killed_for_deadline for r in self.workers.values()),
             "workers": [
                 {

@@ -1,0 +1,80 @@
+"""Rolling reload (SIGHUP) on the real pool: new code, no failed request."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest_twisted
+from twisted.internet import defer, task
+
+from taskoffload.client import TaskClient
+
+VERSION = """
+import time
+
+from taskoffload import task
+
+
+@task
+def version(work=0.02):
+    time.sleep(work)
+    return {VERSION!r}
+"""
+
+
+async def _sleep(seconds: float) -> None:
+    from twisted.internet import reactor
+
+    await task.deferLater(reactor, seconds, lambda: None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_sighup_reloads_new_code_without_failed_requests(pool, tmp_path, monkeypatch):
+    """Under load from 20 callers, SIGHUP replaces every worker with the changed task
+    module; no request fails, and replies after the reload come from the new code."""
+    from twisted.internet import reactor
+
+    module = tmp_path / "versioned_tasks.py"
+    module.write_text(VERSION.replace("{VERSION!r}", repr("one")))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    tree, port = pool(4, "--tasks", "versioned_tasks")
+    client = TaskClient(reactor, [f"tcp:127.0.0.1:{port}"], timeout=20)
+    outcomes: list[tuple[float, object]] = []
+    running = True
+
+    async def caller() -> None:
+        while running:
+            try:
+                outcomes.append((time.monotonic(), await client.call("version")))
+            except Exception as e:  # every failure is a finding
+                outcomes.append((time.monotonic(), e))
+
+    callers = [defer.ensureDeferred(caller()) for _ in range(20)]
+    try:
+        deadline = time.monotonic() + 10
+        while len(outcomes) < 50 and time.monotonic() < deadline:
+            await _sleep(0.02)
+        # A different size as well as a new mtime, so no stale bytecode is used.
+        module.write_text(VERSION.replace("{VERSION!r}", repr("two, the new one")))
+        future = time.time() + 5
+        os.utime(module, (future, future))
+        os.kill(tree.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while "Reload complete: 4 workers replaced" not in tree.log():
+            assert time.monotonic() < deadline, "the reload did not complete"
+            await _sleep(0.05)
+        reloaded_at = time.monotonic()
+        while sum(1 for t, _ in outcomes if t > reloaded_at) < 50:
+            assert time.monotonic() < deadline + 10, "no load after the reload"
+            await _sleep(0.02)
+    finally:
+        running = False
+        await defer.DeferredList(callers)
+        await client.close()
+    failures = [o for _, o in outcomes if not isinstance(o, str)]
+    assert failures == []
+    assert outcomes[0][1] == "one"
+    assert {o for t, o in outcomes if t > reloaded_at} == {"two, the new one"}
+    assert len(tree.worker_pids()) == 4
