@@ -78,3 +78,25 @@ async def test_sighup_reloads_new_code_without_failed_requests(pool, tmp_path, m
     assert outcomes[0][1] == "one"
     assert {o for t, o in outcomes if t > reloaded_at} == {"two, the new one"}
     assert len(tree.worker_pids()) == 4
+
+
+def test_reload_with_broken_code_keeps_the_old_workers(pool, tmp_path, monkeypatch):
+    """A reload whose new code fails to import is aborted; the old workers serve on."""
+    import json
+
+    from conftest import LineClient
+
+    module = tmp_path / "versioned_tasks.py"
+    module.write_text(VERSION.replace("{VERSION!r}", repr("one")))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    tree, port = pool(2, "--tasks", "versioned_tasks")
+    before = tree.worker_pids()
+    module.write_text("this is not python\n")
+    future = time.time() + 5
+    os.utime(module, (future, future))
+    os.kill(tree.pid, signal.SIGHUP)
+    tree.wait_for_log("Reload aborted, the workers keep the old code", timeout=20)
+    assert tree.worker_pids() == before
+    client = LineClient(port)
+    client.send(json.dumps({"id": 1, "function": "version", "args": {"work": 0}}).encode() + b"\n")
+    assert client.reply() == {"id": 1, "result": "one"}
