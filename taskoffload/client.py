@@ -180,6 +180,7 @@ class _Call:
         "id",
         "kwargs",
         "on_progress",
+        "retried",
         "state",
         "timeout",
         "timer",
@@ -204,12 +205,14 @@ class _Call:
         self.timer: IDelayedCall | None = None
         self.state = _QUEUED
         self.connection: TaskClientProtocol | None = None
+        #: Sent a second time after its first connection was lost.
+        self.retried = False
 
 
 class _Target:
     """One pool address and the client's load on it."""
 
-    __slots__ = ("address", "busy", "connecting", "down_until", "error")
+    __slots__ = ("address", "busy", "connecting", "down_until", "error", "retry")
 
     def __init__(self, address: PoolAddress) -> None:
         self.address = address
@@ -221,6 +224,8 @@ class _Target:
         self.down_until = 0.0
         #: Why the last connection attempt failed, if it did.
         self.error: str | None = None
+        #: The pool's idempotent tasks, from the latest session acknowledgement.
+        self.retry: frozenset[str] = frozenset()
 
     def __str__(self) -> str:
         return str(self.address)
@@ -250,6 +255,8 @@ class TaskClientProtocol(LineReceiver):
         self.lost = False
         #: The worker has accepted the connection (its session acknowledgement came).
         self.accepted = False
+        #: The process id of the worker that accepted it, if it said.
+        self.worker: int | None = None
         #: Fires with this protocol once accepted; fails if lost before.
         self.ready: Deferred[TaskClientProtocol] = Deferred(lambda d: self._abort())
 
@@ -270,8 +277,11 @@ class TaskClientProtocol(LineReceiver):
             self.client._bad_reply(self, e.message)
             return
         if isinstance(reply, wire.SessionAck):
+            # The latest word on the pool's task modules, which a reload may change.
+            self.target.retry = frozenset(reply.retry)
             if not self.accepted:
                 self.accepted = True
+                self.worker = reply.worker
                 self.ready.callback(self)
             return
         if isinstance(reply, wire.Goodbye):
@@ -315,7 +325,16 @@ class TaskClient:
     ``max_connections`` exist, else waits in line.  An address that refuses a
     connection is skipped for :data:`CONNECT_BACKOFF` seconds; a request not yet
     sent then goes to another address, and fails with ``worker_lost`` only when
-    every address has failed.  A request that was sent is never sent again.
+    every address has failed.
+
+    A request that was sent is sent again only if the worker hands it back
+    unrun (busy, or stopping), or if its task is idempotent: when the pool's
+    session acknowledgement lists the task (``@task(retry=True)``) and the
+    connection is lost (or dropped after a bad reply) before the result, the
+    request goes once more, with what is left of its timeout, on another
+    connection, so to another worker; the caller sees only the second attempt's
+    reply, and a second loss fails it with ``worker_lost``.  Progress may then
+    repeat.  A call that timed out or was cancelled is never sent again.
 
     Request ids are consecutive integers from 1, in the order of the calls.
 
@@ -406,7 +425,9 @@ class TaskClient:
         When ``timeout`` passes first, the Deferred fails with ``timeout`` and a
         cancel is sent; cancelling the Deferred fails it with ``cancelled`` and
         sends a cancel if the request was sent.  Either way the connection is
-        reused only after the worker's final reply.
+        reused only after the worker's final reply.  If the connection is lost
+        first, the Deferred fails with ``worker_lost``, unless the pool declares
+        the task idempotent: then it is sent once more (see :class:`TaskClient`).
 
         :param function: the registered name of the task.
         :param args: positional arguments; JSON-serializable.
@@ -756,12 +777,44 @@ class TaskClient:
     def _resend(self, call: _Call, state: int) -> None:
         """Put a call that was sent but did not run back at the head of the line."""
         if state == _SENT and not self._closed:
-            call.state = _QUEUED
-            self._queue.appendleft(call)
-            self._queued += 1
+            self._requeue(call)
             self._dispatch()
         else:
             call.state = _FINISHED
+
+    def _requeue(self, call: _Call) -> None:
+        """Put a call, detached from its connection, at the head of the line."""
+        call.state = _QUEUED
+        self._queue.appendleft(call)
+        self._queued += 1
+
+    def _may_retry(self, call: _Call, target: _Target) -> bool:
+        """
+        :return: whether a sent call whose connection to ``target`` broke before
+            its reply is to be sent once more: its task is idempotent, and this
+            was its first attempt.
+        """
+        return not call.retried and not self._closed and call.function in target.retry
+
+    def _retry(self, call: _Call, connection: TaskClientProtocol, why: str) -> None:
+        """Requeue a call that :meth:`_may_retry` after ``connection`` broke; caller dispatches."""
+        call.retried = True
+        target = connection.target
+        self.log.info(
+            "Sending {function!r} once more: the connection to {address} broke with it "
+            "in flight ({why})",
+            function=call.function,
+            address=str(target),
+            why=why,
+        )
+        if connection.worker is not None:
+            # The worker's idle connections most likely broke with it, their loss not
+            # yet seen: the second attempt must go to another worker, not out on one.
+            for same in [
+                c for c in self._idle if c.target is target and c.worker == connection.worker
+            ]:
+                self._retire(same)
+        self._requeue(call)
 
     def _goodbye(self, connection: TaskClientProtocol) -> None:
         """The worker closes this connection and read nothing after its goodbye."""
@@ -793,6 +846,16 @@ class TaskClient:
         connection.close()
         call = connection.call
         if call is not None and call.state == _SENT:
+            if self._may_retry(call, connection.target):
+                # Detach the call and forget the closing connection now, so that its
+                # loss later cannot touch the call's second attempt.
+                connection.call = None
+                connection.target.busy -= 1
+                call.connection = None
+                self._connections.discard(connection)
+                self._retry(call, connection, f"bad reply: {why}")
+                self._dispatch()
+                return
             call.state = _ABANDONED
             message = f"bad reply from {connection.target}: {why}"
             self._answer(call, TaskError(wire.WORKER_LOST, message))
@@ -804,20 +867,36 @@ class TaskClient:
         self._connections.discard(connection)
         if connection in self._idle:
             self._idle.remove(connection)
+        if connection.worker is not None and not self._closed:
+            # A lost connection most likely means a dead worker: its other, idle
+            # connections are gone too, their loss not yet seen.  Drop them before
+            # a waiting call is sent out on one.
+            for same in [
+                c
+                for c in self._idle
+                if c.target is connection.target and c.worker == connection.worker
+            ]:
+                self._retire(same)
         call = connection.call
+        lost: _Call | None = None
         if call is not None:
             connection.call = None
             connection.target.busy -= 1
-            state = call.state
-            call.state = _FINISHED
             call.connection = None
+            if call.state == _SENT and self._may_retry(call, connection.target):
+                # Ahead of the waiting calls; the dispatch below sends it on.
+                self._retry(call, connection, reason.getErrorMessage())
+            else:
+                if call.state == _SENT:
+                    lost = call
+                call.state = _FINISHED
         if self._closed:
             self._check_closed()
         else:
             self._dispatch()
-        if call is not None and state == _SENT:
+        if lost is not None:
             message = (
                 f"lost the connection to {connection.target} with the request in flight: "
                 f"{reason.getErrorMessage()}"
             )
-            self._answer(call, TaskError(wire.WORKER_LOST, message))
+            self._answer(lost, TaskError(wire.WORKER_LOST, message))

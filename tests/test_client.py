@@ -95,8 +95,16 @@ class Pool:
         """``host:port`` of every TCP connection attempt so far, in order."""
         return [f"{host}:{port}" for host, port, *_ in self.reactor.tcpClients]
 
-    def accept(self, index: int = -1) -> Worker:
-        """Let connection attempt ``index`` succeed."""
+    def accept(
+        self, index: int = -1, retry: Sequence[str] = (), worker: int | None = None
+    ) -> Worker:
+        """
+        Let connection attempt ``index`` succeed.  The worker's acknowledgement
+        names ``retry`` as its idempotent tasks, and ``worker`` as its pid (by
+        default, a different one for each attempt).
+        """
+        if worker is None:
+            worker = 1 + index % len(self.reactor.tcpClients)
         host, port, factory, *_ = self.reactor.tcpClients[index]
         protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
         assert protocol is not None
@@ -105,7 +113,8 @@ class Pool:
         # ClientCreator hands the protocol over on the next reactor turn.
         self.reactor.advance(0)
         # The worker acknowledges the session line once it has accepted.
-        protocol.dataReceived(b'{"session": {"worker": 1}}\n')
+        ack = wire.SessionAck(worker=worker, retry=tuple(retry))
+        protocol.dataReceived(wire.encode_session_ack(ack))
         return Worker(protocol, transport)
 
     def refuse(self, index: int = -1) -> None:
@@ -858,3 +867,175 @@ def test_lost_before_accept_is_not_worker_lost() -> None:
     other = pool.accept()
     other.reply({"id": 1, "result": "ok"})
     assert outcome.result == "ok"
+
+
+# Retry of idempotent tasks
+
+
+def test_idempotent_call_resent_after_connection_loss() -> None:
+    """A lost idempotent call is sent again, ahead of waiting calls, and its result delivered."""
+    pool = Pool(max_connections=1)
+    outcome = Outcome(pool.client.call("idem", 1))
+    waiting = Outcome(pool.client.call("other"))
+    first = pool.accept(retry=["idem"])
+    first.drop(ConnectionLost("killed"))
+    assert not outcome.fired
+    second = pool.accept()
+    assert second.received() == [{"id": 1, "function": "idem", "args": [1]}]
+    second.answer("once")
+    assert outcome.result == "once"
+    assert second.received()[-1]["function"] == "other"
+    second.answer("next")
+    assert waiting.result == "next"
+
+
+def test_idempotent_call_lost_twice() -> None:
+    """An idempotent call whose second connection is lost too fails with worker_lost."""
+    pool = Pool()
+    outcome = Outcome(pool.client.call("idem"))
+    pool.accept(retry=["idem"]).drop(ConnectionLost("killed"))
+    pool.accept(retry=["idem"]).drop(ConnectionLost("killed again"))
+    assert outcome.error.code == wire.WORKER_LOST
+    assert "killed again" in outcome.error.message
+    assert len(pool.attempts) == 2
+
+
+def test_other_call_not_resent() -> None:
+    """A call whose task the ack does not list fails with worker_lost at once, never resent."""
+    pool = Pool()
+    outcome = Outcome(pool.client.call("plain"))
+    pool.accept(retry=["idem"]).drop(ConnectionLost("killed"))
+    assert outcome.error.code == wire.WORKER_LOST
+    assert len(pool.attempts) == 1
+
+
+def test_retry_skips_idle_connections_to_the_lost_worker() -> None:
+    """The second attempt goes to another worker: idle connections to the lost one are closed."""
+    pool = Pool()
+    pool.client.call("noop")
+    pool.client.call("noop")
+    outcome = Outcome(pool.client.call("idem"))
+    lost_idle = pool.accept(0, worker=7)
+    other = pool.accept(1, worker=9)
+    lost_busy = pool.accept(2, worker=7, retry=["idem"])
+    other.answer()
+    lost_idle.answer()
+    lost_busy.drop(ConnectionLost("killed"))
+    assert lost_idle.closing
+    assert other.received()[-1] == {"id": 3, "function": "idem", "args": {}}
+    assert len(pool.attempts) == 3
+    other.answer("ok")
+    assert outcome.result == "ok"
+
+
+def test_retry_set_learned_from_latest_ack() -> None:
+    """Whether a task is retried follows the latest session acknowledgement from its pool."""
+    pool = Pool()
+    first = Outcome(pool.client.call("idem"))
+    pool.accept().drop(ConnectionLost())
+    assert first.error.code == wire.WORKER_LOST
+    second = Outcome(pool.client.call("idem"))
+    pool.accept(retry=["idem"]).drop(ConnectionLost())
+    assert not second.fired
+    retrying = pool.accept(retry=["idem"])
+    retrying.answer("ok")
+    assert second.result == "ok"
+    retrying.drop()
+    third = Outcome(pool.client.call("idem"))
+    pool.accept(retry=[]).drop(ConnectionLost())
+    assert third.error.code == wire.WORKER_LOST
+    assert len(pool.attempts) == 4
+
+
+def test_retry_set_is_per_address() -> None:
+    """A task listed by one pool's ack is not retried on another pool that does not list it."""
+    pool = Pool(addresses=[ADDRESS, "tcp:127.0.0.1:2"])
+    pool.client.call("noop")
+    pool.client.call("noop")
+    listing, other = pool.accept(0, retry=["idem"]), pool.accept(1)
+    listing.answer()
+    other.answer()
+    outcome = Outcome(pool.client.call("idem"))
+    assert other.received()[-1]["function"] == "idem"
+    other.drop(ConnectionLost())
+    assert outcome.error.code == wire.WORKER_LOST
+
+
+def test_retry_keeps_the_deadline() -> None:
+    """The second attempt carries what is left of the timeout, which still ends the call."""
+    pool = Pool()
+    outcome = Outcome(pool.client.send_task("idem", timeout=10))
+    first = pool.accept(retry=["idem"])
+    pool.reactor.advance(4)
+    first.drop(ConnectionLost())
+    pool.reactor.advance(2)
+    second = pool.accept()
+    assert second.received()[0]["timeout"] == 4
+    pool.reactor.advance(4)
+    assert outcome.error.code == wire.TIMEOUT
+    assert second.received()[-1] == {"cancel": 1}
+
+
+def test_timed_out_call_not_resent() -> None:
+    """An idempotent call that timed out is not sent again when its connection is lost."""
+    pool = Pool()
+    outcome = Outcome(pool.client.send_task("idem", timeout=5))
+    worker = pool.accept(retry=["idem"])
+    pool.reactor.advance(5)
+    worker.drop(ConnectionLost())
+    assert outcome.error.code == wire.TIMEOUT
+    assert len(pool.attempts) == 1
+
+
+def test_cancelled_call_not_resent() -> None:
+    """An idempotent call that was cancelled is not sent again when its connection is lost."""
+    pool = Pool()
+    deferred = pool.client.call("idem")
+    outcome = Outcome(deferred)
+    worker = pool.accept(retry=["idem"])
+    deferred.cancel()
+    worker.drop(ConnectionLost())
+    assert outcome.error.code == wire.CANCELLED
+    assert len(pool.attempts) == 1
+
+
+def test_bad_reply_resends_idempotent_call() -> None:
+    """A bad reply drops the connection and sends an idempotent call once more."""
+    pool = Pool()
+    outcome = Outcome(pool.client.call("idem"))
+    first = pool.accept(retry=["idem"])
+    with capturedLogs():
+        first.protocol.dataReceived(b"not json\n")
+    assert first.closing
+    assert not outcome.fired
+    second = pool.accept()
+    first.drop()
+    second.answer("ok")
+    assert outcome.result == "ok"
+    assert len(pool.attempts) == 2
+
+
+def test_close_does_not_resend() -> None:
+    """Closing the client fails an idempotent call in flight with worker_lost, unsent again."""
+    pool = Pool()
+    outcome = Outcome(pool.client.call("idem"))
+    worker = pool.accept(retry=["idem"])
+    pool.client.close()
+    worker.drop()
+    assert outcome.error.code == wire.WORKER_LOST
+    assert outcome.error.message == "client closed"
+    assert len(pool.attempts) == 1
+
+
+def test_lost_connection_drops_idle_ones_to_the_same_worker() -> None:
+    """When one connection to a worker is lost, its idle connections are closed too."""
+    pool = Pool()
+    first = Outcome(pool.client.call("noop"))
+    second = Outcome(pool.client.call("noop"))
+    a = pool.accept(0, worker=7)
+    b = pool.accept(1, worker=7)
+    a.reply({"id": 1, "result": None})
+    b.reply({"id": 2, "result": None})
+    assert first.fired and second.fired
+    a.drop(ConnectionLost())
+    assert b.closing

@@ -1,0 +1,119 @@
+"""TaskClient's retry of idempotent tasks (``@task(retry=True)``) against the real worker pool."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from twisted.internet import task
+
+from taskoffload.client import TaskClient, TaskError
+
+# Each task appends its worker's pid to ``marker`` as it starts, so the test knows
+# which worker to kill (and when the task is running), and how often it ran.
+TASKS = '''\
+"""The same slow task, idempotent and not."""
+
+import os
+import time
+
+from taskoffload import task
+
+
+def _run(seconds, marker):
+    with open(marker, "a") as f:
+        f.write(f"{os.getpid()}\\n")
+    time.sleep(seconds)
+    return os.getpid()
+
+
+@task(retry=True)
+def slow_pid(seconds, marker):
+    return _run(seconds, marker)
+
+
+@task
+def slow_pid_once(seconds, marker):
+    return _run(seconds, marker)
+'''
+
+
+@pytest.fixture
+def retry_pool(pool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A pool of two workers serving ``retry_tasks``, written into ``tmp_path``."""
+    (tmp_path / "retry_tasks.py").write_text(TASKS)
+    path = [str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")])]
+    # twistd inherits the environment, and the workers the supervisor's sys.path.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(path))
+    return pool(2, "--tasks=retry_tasks")
+
+
+def _client(port: int) -> TaskClient:
+    from twisted.internet import reactor
+
+    return TaskClient(reactor, [f"tcp:127.0.0.1:{port}"])
+
+
+def _started(marker: Path) -> list[int]:
+    """The pids that have started the task, in order."""
+    try:
+        return [int(line) for line in marker.read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+async def _poll(predicate, timeout: float, what: str):
+    """Poll without blocking the reactor; return the predicate's true value."""
+    from twisted.internet import reactor
+
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await task.deferLater(reactor, 0.02, lambda: None)
+    return value
+
+
+@pytest_twisted.ensureDeferred
+async def test_idempotent_task_survives_its_worker(retry_pool, tmp_path):
+    """SIGKILL of the worker running a retry=True task: the call succeeds on another worker."""
+    tree, port = retry_pool
+    marker = tmp_path / "slow_pid.started"
+    client = _client(port)
+    try:
+        call = client.send_task(
+            "slow_pid", kwargs={"seconds": 1.0, "marker": str(marker)}, timeout=10
+        )
+        [victim] = await _poll(lambda: _started(marker), 5, "the task to start")
+        assert victim in tree.worker_pids()
+        os.kill(victim, signal.SIGKILL)
+        pid = await call
+        assert pid != victim
+        assert _started(marker) == [victim, pid]
+    finally:
+        await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_other_task_fails_with_its_worker(retry_pool, tmp_path):
+    """SIGKILL of the worker running a task without retry: the call fails with worker_lost."""
+    tree, port = retry_pool
+    marker = tmp_path / "slow_pid_once.started"
+    client = _client(port)
+    try:
+        call = client.send_task(
+            "slow_pid_once", kwargs={"seconds": 1.0, "marker": str(marker)}, timeout=10
+        )
+        [victim] = await _poll(lambda: _started(marker), 5, "the task to start")
+        assert victim in tree.worker_pids()
+        os.kill(victim, signal.SIGKILL)
+        with pytest.raises(TaskError) as raised:
+            await call
+        assert raised.value.code == "worker_lost"
+        assert _started(marker) == [victim]
+    finally:
+        await client.close()
