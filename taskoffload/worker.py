@@ -77,11 +77,12 @@ class TaskServerProtocol(LineReceiver):
         self.factory.connection_opened(self)
 
     def dataReceived(self, data: bytes) -> None:
-        if self._reservation is not None and not self._reject_when_busy:
-            # Whatever it sends, the client is here: no need to hold the slot for
-            # it.  (A TaskClient's reservation ends with its session line.)
-            self._release()
         super().dataReceived(data)
+        if self._reservation is not None and not self._reject_when_busy:
+            # The client sent something, but not a whole request: it is here, but
+            # need not hold the slot while it trickles (a TaskClient's reservation
+            # instead ends with its first request, after the session line).
+            self._release()
         # A line must be completed within idle_timeout of its first byte, so a
         # client that trickles or stalls (slowloris) cannot hold a connection.
         if self._buffer and not self._closing:  # LineReceiver's unfinished line
