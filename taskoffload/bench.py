@@ -1,27 +1,64 @@
 """
 ``python -m taskoffload.bench SCENARIO``: measure taskoffload on this machine.
 
-Each scenario starts what it needs as real ``twistd`` processes on loopback, runs
-``--repeat`` times and prints the median with min-max.  The load generator is
-asyncio, one coroutine per simulated client, so it stays a small part of the
-machine it measures.
+Each scenario starts what it needs as real ``twistd`` processes on loopback (or
+targets running ones with ``--gateway URL`` / ``--pool ADDR``), runs ``--repeat``
+times and prints the median with min-max of every figure.  The load generators
+are lean: asyncio with one coroutine per simulated WebSocket client, and, for
+``noop-direct``, a Twisted :class:`~taskoffload.client.TaskClient` in a child
+process.  Every load loop is bounded in count and in time.
+
+CPU shares are percent of one core over the measured window (200 % is both cores
+of a 2-core machine): ``machine`` every process on the machine, others' included,
+``loadgen`` the load generator itself, ``gateway`` the
+``twistd`` process (gateway and supervisor), ``workers`` the rest of its process
+group (fork server and workers), ``pool`` the whole worker pool's group.
 
 Scenarios:
 
+``emails``
+    ``--tasks-total`` (1000) tasks of ``--task-seconds`` (0.05) of blocking sleep,
+    sent at once through the gateway of ``--count`` (100) workers over
+    ``--senders`` (100) WebSocket connections; seconds from the first send to the
+    last reply, and the most tasks any one worker ran.  With ``--smtp`` each task
+    sends a mail with :func:`~taskoffload.examples.send_mail` to an SMTP sink that
+    waits ``--task-seconds`` per message.
+
+``noop-gateway``
+    ``noop`` round trips through the gateway with each of ``--clients`` (1,10,100)
+    WebSocket clients, one call in flight each, for ``--duration`` (3) seconds or
+    ``--max-calls``: tasks/s, p50 and p99 in ms.
+
+``noop-direct``
+    The same through ``TaskClient`` with ``--clients`` outstanding calls, against a
+    ``--role=worker`` pool; then the pool's total RSS and PSS.
+
+``responsive``
+    p50, p99 and max of sequential ``noop`` calls from one extra WebSocket client
+    while ``emails`` runs.
+
 ``startup``
-    ``--count`` workers (default 100): seconds from launching ``twistd`` until every
-    worker has answered a call, the supervisor's own "all serving" figure, and the
-    pool's total RSS and PSS (summed over the supervisor, the fork server and the
-    workers, from ``/proc/PID/smaps_rollup``).
+    ``--count`` workers: seconds from launching ``twistd`` until every worker has
+    answered a call, the supervisor's own "all serving" figure, and the pool's total
+    RSS and PSS (summed over the supervisor, the fork server and the workers, from
+    ``/proc/PID/smaps_rollup``).
+
+``blocking-baseline``
+    ``--inline`` (100) of the same blocking tasks run one after another in one
+    process, and the projection to ``--tasks-total``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import itertools
 import json
+import math
 import os
 import re
+import resource
 import signal
 import socket
 import statistics
@@ -29,11 +66,43 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 __all__ = ["main"]
+
+#: The tasks the benchmark adds to a pool it starts: like the examples, but their
+#: replies name the worker process that ran them.  Written to the run's temporary
+#: directory and loaded with ``--tasks`` (the package itself is not changed).
+BENCH_TASKS_MODULE = "taskoffload_bench_tasks"
+BENCH_TASKS_SOURCE = '''\
+"""Benchmark tasks: block like slow I/O, then name the worker that ran them."""
+
+import os
+import time
+
+import taskoffload.examples as _examples
+
+
+def block(seconds):
+    time.sleep(float(seconds))
+    return os.getpid()
+
+
+def mail(to, subject, body):
+    _examples.send_mail(to=to, subject=subject, body=body)
+    return os.getpid()
+
+
+TASKS = {"bench_block": block, "bench_mail": mail}
+'''
+
+#: Seconds to wait for a started service to serve.
+START_TIMEOUT = 90.0
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -59,21 +128,70 @@ def twistd_command(*args: str) -> list[str]:
     ]
 
 
+def group_pids(pgid: int) -> list[int]:
+    """Every process in process group ``pgid``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getpgid(int(entry)) == pgid:
+                    found.append(int(entry))
+            except ProcessLookupError:
+                continue
+    return found
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User plus system CPU seconds of one process so far (0 if it is gone)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    # Fields after the parenthesized command name; utime and stime are 14 and 15.
+    fields = text[text.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+def group_cpu_seconds(pgid: int) -> dict[int, float]:
+    """CPU seconds so far of every process in group ``pgid``, by pid."""
+    return {pid: process_cpu_seconds(pid) for pid in group_pids(pgid)}
+
+
+def machine_cpu_seconds() -> float:
+    """CPU seconds all cores of the machine have spent busy (not idle or waiting) so far."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    # guest and guest_nice (9, 10) are already counted in user and nice.
+    return (sum(fields[:8]) - idle) / _CLOCK_TICKS
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds this process (every thread of it) has used so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 class Service:
     """A ``twistd`` process tree started for a scenario, ended with its process group."""
 
-    def __init__(self, args: list[str], directory: str) -> None:
+    def __init__(self, args: list[str], directory: str, env: dict[str, str] | None = None) -> None:
         self.log_path = Path(directory) / f"twistd-{os.getpid()}-{time.monotonic_ns()}.log"
         self._log = self.log_path.open("wb")
         self.started = time.monotonic()
         self.process = subprocess.Popen(
             twistd_command(*args),
             cwd=directory,
+            env=env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
+
+    @property
+    def pid(self) -> int:
+        """The ``twistd`` process (and process group) id."""
+        return self.process.pid
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -91,15 +209,7 @@ class Service:
 
     def pids(self) -> list[int]:
         """Every process in the tree's process group."""
-        found = []
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    if os.getpgid(int(entry)) == self.process.pid:
-                        found.append(int(entry))
-                except ProcessLookupError:
-                    continue
-        return found
+        return group_pids(self.process.pid)
 
     def memory_kib(self) -> tuple[int, int]:
         """Total (RSS, PSS) of the tree in KiB."""
@@ -132,6 +242,614 @@ class Service:
             if not self.pids():
                 break
         self._log.close()
+
+
+class CpuMeter:
+    """
+    CPU shares over a window: this process, and, when given, a service's ``twistd``
+    process and the rest of its group.
+    """
+
+    def __init__(self, service_pid: int | None, others: dict[str, int] | None = None) -> None:
+        """
+        :param service_pid: a started service's ``twistd`` pid (its process group).
+        :param others: more processes to report, by the name their figure takes.
+        """
+        self._service_pid = service_pid
+        self._others = others or {}
+        self._start: tuple[float, float, float, dict[int, float]] | None = None
+
+    def _snapshot(self) -> tuple[float, float, float, dict[int, float]]:
+        group = group_cpu_seconds(self._service_pid) if self._service_pid else {}
+        for pid in self._others.values():
+            group[pid] = process_cpu_seconds(pid)
+        return time.monotonic(), machine_cpu_seconds(), own_cpu_seconds(), group
+
+    def start(self) -> None:
+        self._start = self._snapshot()
+
+    def stop(self, prefix: str = "", gateway: bool = True) -> dict[str, float]:
+        """
+        :param gateway: the ``twistd`` process runs the gateway (else it is a
+            pool's supervisor, counted with its workers as ``pool``).
+        :return: the shares in percent of one core since :meth:`start`.
+        """
+        assert self._start is not None
+        t0, machine0, own0, group0 = self._start
+        t1, machine1, own1, group1 = self._snapshot()
+        wall = max(t1 - t0, 1e-9)
+        figures = {
+            f"{prefix}machine_cpu_pct": 100 * (machine1 - machine0) / wall,
+            f"{prefix}loadgen_cpu_pct": 100 * (own1 - own0) / wall,
+        }
+        # Processes that started in the window count from zero.
+        used = {pid: cpu - group0.get(pid, 0.0) for pid, cpu in group1.items()}
+        for name, pid in self._others.items():
+            figures[f"{prefix}{name}_cpu_pct"] = 100 * used.pop(pid, 0.0) / wall
+        if self._service_pid:
+            top = used.pop(self._service_pid, 0.0)
+            rest = sum(used.values())
+            if gateway:
+                figures[f"{prefix}gateway_cpu_pct"] = 100 * top / wall
+                figures[f"{prefix}workers_cpu_pct"] = 100 * rest / wall
+            else:
+                figures[f"{prefix}pool_cpu_pct"] = 100 * (top + rest) / wall
+        return figures
+
+
+def percentile(ordered: Sequence[float], q: float) -> float:
+    """The nearest-rank ``q`` quantile of sorted values (NaN for none)."""
+    if not ordered:
+        return math.nan
+    return ordered[max(0, min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1))]
+
+
+def latency_figures(latencies: list[float], prefix: str = "") -> dict[str, float]:
+    """p50, p99 and max of latencies in seconds, as milliseconds."""
+    ordered = sorted(latencies)
+    return {
+        f"{prefix}p50_ms": 1000 * percentile(ordered, 0.50),
+        f"{prefix}p99_ms": 1000 * percentile(ordered, 0.99),
+        f"{prefix}max_ms": 1000 * ordered[-1] if ordered else math.nan,
+    }
+
+
+# Services
+
+
+def _bench_env(directory: str) -> dict[str, str]:
+    """The environment of a started service: the bench tasks module importable."""
+    Path(directory, f"{BENCH_TASKS_MODULE}.py").write_text(BENCH_TASKS_SOURCE)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (directory, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def start_all(
+    options: argparse.Namespace, directory: str, sink: SmtpSink | None = None
+) -> tuple[Service, str]:
+    """
+    Start role all (gateway and ``--count`` workers) serving the examples and the
+    bench tasks; wait until every worker serves.
+
+    :return: the service and its WebSocket URL.
+    """
+    port = free_port()
+    pool_port = free_port()
+    while pool_port == port:
+        pool_port = free_port()
+    args = [
+        f"--count={options.count}",
+        "--listen",
+        f"tcp:{port}:interface=127.0.0.1",
+        "--pool-listen",
+        f"tcp:{pool_port}:interface=127.0.0.1",
+        "--tasks",
+        "taskoffload.examples",
+        "--tasks",
+        BENCH_TASKS_MODULE,
+    ]
+    if sink is not None:
+        args += ["--smtp-host", "127.0.0.1", "--smtp-port", str(sink.port)]
+    service = Service(args, directory, _bench_env(directory))
+    try:
+        service.wait_for_log("Gateway listening on", START_TIMEOUT)
+        service.wait_for_log(rf"All {options.count} workers serving", START_TIMEOUT)
+    except BaseException:
+        service.stop()
+        raise
+    return service, f"ws://127.0.0.1:{port}/ws"
+
+
+def start_pool(options: argparse.Namespace, directory: str) -> tuple[Service, str]:
+    """
+    Start ``--role=worker`` with ``--count`` workers; wait until every worker serves.
+
+    :return: the service and its pool address.
+    """
+    port = free_port()
+    service = Service(
+        [
+            "--role=worker",
+            f"--count={options.count}",
+            "--listen",
+            f"tcp:{port}:interface=127.0.0.1",
+        ],
+        directory,
+    )
+    try:
+        service.wait_for_log(rf"All {options.count} workers serving", START_TIMEOUT)
+    except BaseException:
+        service.stop()
+        raise
+    return service, f"tcp:127.0.0.1:{port}"
+
+
+@contextlib.contextmanager
+def gateway_target(
+    options: argparse.Namespace, directory: str, sink: SmtpSink | None = None
+) -> Iterator[tuple[str, Service | None]]:
+    """The ``--gateway`` URL, or a started role all that ends with the block."""
+    if options.gateway:
+        yield options.gateway, None
+        return
+    service, url = start_all(options, directory, sink)
+    try:
+        yield url, service
+    finally:
+        service.stop()
+
+
+class SmtpSink(NamedTuple):
+    """A started SMTP sink."""
+
+    port: int
+    pid: int
+
+
+@contextlib.contextmanager
+def smtp_sink(options: argparse.Namespace, directory: str) -> Iterator[SmtpSink | None]:
+    """With ``--smtp``, an SMTP sink in a child process (else None)."""
+    if not options.smtp:
+        yield None
+        return
+    port = free_port()
+    log_path = Path(directory, f"smtp-{time.monotonic_ns()}.log")
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "taskoffload.bench",
+                "_smtp-sink",
+                str(port),
+                str(options.task_seconds),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+                break
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the SMTP sink did not start:\n{log_path.read_text()}")
+            time.sleep(0.02)
+        yield SmtpSink(port, process.pid)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(10)
+
+
+def _smtp_sink_main(port: int, delay: float) -> None:
+    """Hidden subcommand: accept every mail on ``port`` after ``delay`` seconds each."""
+    from aiosmtpd.smtp import SMTP
+
+    class SlowSink:
+        async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+            await asyncio.sleep(delay)
+            return "250 OK"
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            lambda: SMTP(SlowSink(), hostname="bench-sink"), "127.0.0.1", port, backlog=1024
+        )
+        async with server:
+            await server.serve_forever()
+
+    asyncio.run(serve())
+
+
+# WebSocket load
+
+
+def _ws_connect(url: str) -> Any:
+    """Open a WebSocket: no compression, no pings, no proxy, a deep receive queue."""
+    import websockets
+    from websockets.asyncio.client import connect
+
+    extra: dict[str, Any] = {}
+    if int(websockets.__version__.split(".")[0]) >= 15:
+        extra["proxy"] = None  # loopback, whatever the environment says
+    return connect(
+        url,
+        compression=None,
+        ping_interval=None,
+        max_queue=4096,
+        open_timeout=30,
+        close_timeout=2,
+        **extra,
+    )
+
+
+async def _open_clients(url: str, count: int, stack: contextlib.AsyncExitStack) -> list[Any]:
+    """``count`` open WebSocket clients, closed when ``stack`` closes."""
+    connections = await asyncio.gather(*(_ws_connect(url) for _ in range(count)))
+    for ws in connections:
+        stack.push_async_callback(ws.close)
+    return list(connections)
+
+
+def _request(request_id: int, function: str, args: dict[str, Any]) -> str:
+    return json.dumps({"id": request_id, "function": function, "args": args})
+
+
+class Burst:
+    """The outcome of sending many tasks at once."""
+
+    def __init__(self) -> None:
+        self.first_send = 0.0
+        self.last_reply = 0.0
+        self.results: list[Any] = []
+        self.errors: Counter[str] = Counter()
+
+    @property
+    def wall(self) -> float:
+        return self.last_reply - self.first_send
+
+
+async def _burst(
+    connections: list[Any], total: int, function: str, args: Callable[[int], dict[str, Any]]
+) -> Burst:
+    """Send ``total`` requests spread over ``connections`` at once; await every reply."""
+    burst = Burst()
+    shares = [list(range(i, total, len(connections))) for i in range(len(connections)) if i < total]
+    frames = [[_request(n, function, args(n)) for n in share] for share in shares]
+
+    async def one(ws: Any, frames: list[str]) -> None:
+        for frame in frames:
+            await ws.send(frame)
+        for _ in frames:
+            reply = json.loads(await ws.recv())
+            if "result" in reply:
+                burst.results.append(reply["result"])
+            else:
+                burst.errors[reply.get("error", {}).get("code", "?")] += 1
+        burst.last_reply = max(burst.last_reply, time.perf_counter())
+
+    burst.first_send = time.perf_counter()
+    await asyncio.gather(*(one(ws, f) for ws, f in zip(connections, frames, strict=False)))
+    return burst
+
+
+def _emails_task(options: argparse.Namespace, started: bool) -> tuple[str, Callable[[int], dict]]:
+    """The function and arguments of one ``emails`` task."""
+    if options.smtp:
+        if started:
+            return "bench_mail", lambda n: {
+                "to": f"user{n}@example.org",
+                "subject": f"bench {n}",
+                "body": "Hello from the taskoffload benchmark.",
+            }
+        return "send_mail", lambda n: {
+            "to": f"user{n}@example.org",
+            "subject": f"bench {n}",
+            "body": "Hello from the taskoffload benchmark.",
+        }
+    if started:
+        return "bench_block", lambda n: {"seconds": options.task_seconds}
+    return "sleep", lambda n: {"seconds": options.task_seconds}
+
+
+async def _emails_run(
+    options: argparse.Namespace,
+    url: str,
+    service: Service | None,
+    sink: SmtpSink | None,
+    probe: bool,
+) -> dict[str, float]:
+    function, args = _emails_task(options, service is not None)
+    async with contextlib.AsyncExitStack() as stack:
+        connections = await _open_clients(url, options.senders, stack)
+        prober = (await _open_clients(url, 1, stack))[0] if probe else None
+        if not options.no_warmup:
+            await asyncio.wait_for(
+                _burst(connections, options.tasks_total, function, args), options.timeout
+            )
+        meter = CpuMeter(
+            service.pid if service else None, {"smtp_sink": sink.pid} if sink else None
+        )
+        latencies: list[float] = []
+        probe_errors = 0
+        done = asyncio.Event()
+
+        async def probing(ws: Any) -> None:
+            nonlocal probe_errors
+            for n in itertools.count(1):
+                if done.is_set() or n > options.max_calls:
+                    return
+                sent = time.perf_counter()
+                await ws.send(_request(n, "noop", {}))
+                reply = json.loads(await ws.recv())
+                latencies.append(time.perf_counter() - sent)
+                if "result" not in reply:
+                    probe_errors += 1
+
+        meter.start()
+        probing_task = asyncio.ensure_future(probing(prober)) if prober else None
+        try:
+            burst = await asyncio.wait_for(
+                _burst(connections, options.tasks_total, function, args), options.timeout
+            )
+        finally:
+            done.set()
+        if probing_task is not None:
+            await asyncio.wait_for(probing_task, options.timeout)
+        figures = {"wall_s": burst.wall, "results": float(len(burst.results))}
+        figures["errors"] = float(sum(burst.errors.values()))
+        if service is not None:
+            per_worker = Counter(burst.results)
+            figures["max_tasks_per_worker"] = float(max(per_worker.values(), default=0))
+            figures["workers_used"] = float(len(per_worker))
+        if probe:
+            figures.update(latency_figures(latencies, "noop_"))
+            figures["noop_calls"] = float(len(latencies))
+            figures["noop_errors"] = float(probe_errors)
+        figures.update(meter.stop())
+        return figures
+
+
+def scenario_emails(options: argparse.Namespace, directory: str) -> dict[str, float]:
+    """One run of ``emails``."""
+    with (
+        smtp_sink(options, directory) as sink,
+        gateway_target(options, directory, sink) as (url, service),
+    ):
+        return asyncio.run(_emails_run(options, url, service, sink, probe=False))
+
+
+def scenario_responsive(options: argparse.Namespace, directory: str) -> dict[str, float]:
+    """One run of ``responsive``."""
+    with (
+        smtp_sink(options, directory) as sink,
+        gateway_target(options, directory, sink) as (url, service),
+    ):
+        return asyncio.run(_emails_run(options, url, service, sink, probe=True))
+
+
+class ClosedLoop:
+    """
+    Clients each with one call in flight, measured over a window that starts after
+    a warm-up and ends after ``duration`` seconds or ``max_calls`` calls.
+    """
+
+    def __init__(self, duration: float, max_calls: int) -> None:
+        self.duration = duration
+        self.max_calls = max_calls
+        self.measuring = False
+        self.stopped = False
+        self.latencies: list[float] = []
+        self.errors = 0
+        self.window = (0.0, 0.0)
+
+    def record(self, sent: float, ok: bool) -> None:
+        """Count one call that was answered now."""
+        if self.measuring:
+            self.latencies.append(time.perf_counter() - sent)
+            if not ok:
+                self.errors += 1
+            if len(self.latencies) >= self.max_calls:
+                self.stopped = True
+
+    def figures(self, prefix: str) -> dict[str, float]:
+        elapsed = self.window[1] - self.window[0]
+        figures = {
+            f"{prefix}tasks_per_s": len(self.latencies) / elapsed if elapsed > 0 else 0.0,
+            f"{prefix}calls": float(len(self.latencies)),
+            f"{prefix}errors": float(self.errors),
+        }
+        latency = latency_figures(self.latencies, prefix)
+        del latency[f"{prefix}max_ms"]
+        figures.update(latency)
+        return figures
+
+
+async def _noop_gateway_level(
+    url: str, clients: int, options: argparse.Namespace, meter: CpuMeter
+) -> dict[str, float]:
+    loop_state = ClosedLoop(options.duration, options.max_calls)
+    frame = _request(1, "noop", {})
+
+    async def client(ws: Any) -> None:
+        while not loop_state.stopped:
+            sent = time.perf_counter()
+            await ws.send(frame)
+            reply = await ws.recv()
+            loop_state.record(sent, '"result"' in reply)
+
+    async with contextlib.AsyncExitStack() as stack:
+        connections = await _open_clients(url, clients, stack)
+        tasks = [asyncio.ensure_future(client(ws)) for ws in connections]
+        try:
+            await asyncio.sleep(0 if options.no_warmup else options.warmup)
+            meter.start()
+            loop_state.measuring = True
+            start = time.perf_counter()
+            deadline = start + options.duration
+            while not loop_state.stopped and time.perf_counter() < deadline:
+                await asyncio.sleep(min(0.05, max(0.0, deadline - time.perf_counter())))
+            loop_state.measuring = False
+            loop_state.stopped = True
+            loop_state.window = (start, time.perf_counter())
+            cpu = meter.stop(f"c{clients}_")
+            await asyncio.wait_for(asyncio.gather(*tasks), options.timeout)
+        finally:
+            for t in tasks:
+                t.cancel()
+    figures = loop_state.figures(f"c{clients}_")
+    figures.update(cpu)
+    return figures
+
+
+def scenario_noop_gateway(options: argparse.Namespace, directory: str) -> dict[str, float]:
+    """One run of ``noop-gateway``."""
+    with gateway_target(options, directory) as (url, service):
+        figures: dict[str, float] = {}
+        for clients in options.clients:
+            meter = CpuMeter(service.pid if service else None)
+            figures.update(asyncio.run(_noop_gateway_level(url, clients, options, meter)))
+        return figures
+
+
+# noop-direct: TaskClient needs a reactor, so it runs in a child process.
+
+
+def scenario_noop_direct(options: argparse.Namespace, directory: str) -> dict[str, float]:
+    """One run of ``noop-direct``."""
+    service: Service | None = None
+    if options.pool:
+        address = options.pool
+    else:
+        service, address = start_pool(options, directory)
+    try:
+        command = [
+            sys.executable,
+            "-m",
+            "taskoffload.bench",
+            "_noop-direct-client",
+            "--pool",
+            address,
+            "--clients",
+            ",".join(map(str, options.clients)),
+            "--duration",
+            str(options.duration),
+            "--warmup",
+            str(0 if options.no_warmup else options.warmup),
+            "--max-calls",
+            str(options.max_calls),
+        ]
+        if service is not None:
+            command += ["--pgid", str(service.pid)]
+        budget = len(options.clients) * (options.duration + options.warmup + options.timeout)
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=budget + 30, check=False
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"the TaskClient load generator failed:\n{done.stderr[-3000:]}")
+        figures: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
+        if service is not None:
+            rss, pss = service.memory_kib()
+            figures["pool_rss_mib"] = rss / 1024
+            figures["pool_pss_mib"] = pss / 1024
+        return figures
+    finally:
+        if service is not None:
+            service.stop()
+
+
+def _noop_direct_client_main(argv: list[str]) -> None:
+    """Hidden subcommand: the ``noop-direct`` load, printed as one JSON line."""
+    parser = argparse.ArgumentParser(prog="python -m taskoffload.bench _noop-direct-client")
+    parser.add_argument("--pool", required=True)
+    parser.add_argument("--clients", type=_int_list, required=True)
+    parser.add_argument("--duration", type=float, required=True)
+    parser.add_argument("--warmup", type=float, default=0.5)
+    parser.add_argument("--max-calls", type=int, default=1_000_000)
+    parser.add_argument("--timeout", type=float, default=30.0)
+    parser.add_argument("--pgid", type=int)
+    options = parser.parse_args(argv)
+
+    from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
+    from twisted.internet.task import deferLater, react
+
+    from taskoffload.client import TaskClient, TaskError
+
+    async def level(reactor: Any, clients: int) -> dict[str, float]:
+        client = TaskClient(reactor, [options.pool], max_connections=max(clients, 1))
+        loop_state = ClosedLoop(options.duration, options.max_calls)
+        meter = CpuMeter(options.pgid)
+
+        async def caller() -> None:
+            while not loop_state.stopped:
+                sent = time.perf_counter()
+                try:
+                    await client.call("noop")
+                    ok = True
+                except TaskError:
+                    ok = False
+                loop_state.record(sent, ok)
+
+        callers = [ensureDeferred(caller()) for _ in range(clients)]
+        await deferLater(reactor, options.warmup, lambda: None)
+        meter.start()
+        loop_state.measuring = True
+        start = time.perf_counter()
+        deadline = start + options.duration
+        while not loop_state.stopped and time.perf_counter() < deadline:
+            await deferLater(
+                reactor, min(0.05, max(0.0, deadline - time.perf_counter())), lambda: None
+            )
+        loop_state.measuring = False
+        loop_state.stopped = True
+        loop_state.window = (start, time.perf_counter())
+        cpu = meter.stop(f"c{clients}_", gateway=False)
+        finished: Deferred[Any] = gatherResults(callers)
+        finished.addTimeout(options.timeout, reactor)
+        await finished
+        await client.close()
+        figures = loop_state.figures(f"c{clients}_")
+        figures.update(cpu)
+        return figures
+
+    async def run(reactor: Any) -> None:
+        figures: dict[str, float] = {}
+        for clients in options.clients:
+            figures.update(await level(reactor, clients))
+        print(json.dumps(figures), flush=True)
+
+    react(lambda reactor: ensureDeferred(run(reactor)))
+
+
+def scenario_startup(options: argparse.Namespace, directory: str) -> dict[str, float]:
+    """One run of ``startup``."""
+    port = free_port()
+    service = Service(
+        [
+            "--role=worker",
+            f"--count={options.count}",
+            "--listen",
+            f"tcp:{port}:interface=127.0.0.1",
+        ],
+        directory,
+    )
+    try:
+        answered = asyncio.run(_all_answer(port, options.count, service.started + 60))
+        found = service.wait_for_log(r"All \d+ workers serving, ([0-9.]+) s after start", 30)
+        rss, pss = service.memory_kib()
+        return {
+            "launch_to_all_answering_s": answered - service.started,
+            "supervisor_start_to_all_serving_s": float(found.group(1)),
+            "rss_mib": rss / 1024,
+            "pss_mib": pss / 1024,
+            "pss_per_worker_mib": pss / 1024 / options.count,
+        }
+    finally:
+        service.stop()
 
 
 async def call_line(port: int, line: bytes, timeout: float = 10.0) -> dict[str, Any]:
@@ -168,34 +886,25 @@ async def _all_answer(port: int, count: int, deadline: float) -> float:
     raise RuntimeError(f"only {len(seen)} of {count} workers answered in time")
 
 
-def scenario_startup(options: argparse.Namespace, directory: str) -> dict[str, float]:
-    """One run of ``startup``."""
-    port = free_port()
-    service = Service(
-        [
-            "--role=worker",
-            f"--count={options.count}",
-            "--listen",
-            f"tcp:{port}:interface=127.0.0.1",
-        ],
-        directory,
-    )
-    try:
-        answered = asyncio.run(_all_answer(port, options.count, service.started + 60))
-        found = service.wait_for_log(r"All \d+ workers serving, ([0-9.]+) s after start", 30)
-        rss, pss = service.memory_kib()
-        return {
-            "launch_to_all_answering_s": answered - service.started,
-            "supervisor_start_to_all_serving_s": float(found.group(1)),
-            "rss_mib": rss / 1024,
-            "pss_mib": pss / 1024,
-            "pss_per_worker_mib": pss / 1024 / options.count,
-        }
-    finally:
-        service.stop()
+def scenario_blocking_baseline(options: argparse.Namespace, directory: str) -> dict[str, float]:
+    """One run of ``blocking-baseline``: the tasks inline, one after another."""
+    started = time.perf_counter()
+    for _ in range(options.inline):
+        time.sleep(options.task_seconds)
+    measured = time.perf_counter() - started
+    return {
+        "tasks": float(options.inline),
+        "measured_s": measured,
+        "projected_total_s": measured * options.tasks_total / options.inline,
+    }
 
 
 SCENARIOS: dict[str, Callable[[argparse.Namespace, str], dict[str, float]]] = {
+    "blocking-baseline": scenario_blocking_baseline,
+    "emails": scenario_emails,
+    "noop-direct": scenario_noop_direct,
+    "noop-gateway": scenario_noop_gateway,
+    "responsive": scenario_responsive,
     "startup": scenario_startup,
 }
 
@@ -213,18 +922,123 @@ def summarize(runs: list[dict[str, float]]) -> dict[str, dict[str, float]]:
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run a scenario and print (and optionally save) its figures."""
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected numbers such as 1,10,100") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: each number must be at least 1")
+    return values
+
+
+def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: must be above 0")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m taskoffload.bench``."""
     parser = argparse.ArgumentParser(
         prog="python -m taskoffload.bench",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("scenario", choices=sorted(SCENARIOS))
-    parser.add_argument("--repeat", type=int, default=3, help="runs (default 3)")
-    parser.add_argument("--count", type=int, default=100, help="workers (default 100)")
+    parser.add_argument("--repeat", type=_positive(int), default=3, help="runs (default 3)")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
-    options = parser.parse_args(argv)
+    parser.add_argument(
+        "--count", type=_positive(int), default=100, help="workers of a started pool (100)"
+    )
+    parser.add_argument(
+        "--tasks-total",
+        type=_positive(int),
+        default=1000,
+        help="emails, responsive: tasks sent at once; blocking-baseline: projected (1000)",
+    )
+    parser.add_argument(
+        "--task-seconds",
+        type=_positive(float),
+        default=0.05,
+        help="blocking time of one emails task, or the SMTP sink's delay (0.05)",
+    )
+    parser.add_argument(
+        "--senders",
+        type=_positive(int),
+        default=100,
+        help="emails, responsive: WebSocket connections the tasks are spread over (100)",
+    )
+    parser.add_argument(
+        "--smtp",
+        action="store_true",
+        help="emails, responsive: send_mail to an SMTP sink instead of sleeping",
+    )
+    parser.add_argument(
+        "--clients",
+        type=_int_list,
+        default=[1, 10, 100],
+        help="noop-*: clients (calls in flight), one level after another (1,10,100)",
+    )
+    parser.add_argument(
+        "--duration", type=_positive(float), default=3.0, help="noop-*: seconds per level (3)"
+    )
+    parser.add_argument(
+        "--warmup",
+        type=_positive(float),
+        default=0.5,
+        help="noop-*: seconds of calls before each level's measurement (0.5)",
+    )
+    parser.add_argument(
+        "--no-warmup",
+        action="store_true",
+        help="measure from the first call (emails, responsive: no untimed burst first)",
+    )
+    parser.add_argument(
+        "--max-calls",
+        type=_positive(int),
+        default=200_000,
+        help="noop-*: calls per level; responsive: probe calls (200000)",
+    )
+    parser.add_argument(
+        "--inline",
+        type=_positive(int),
+        default=100,
+        help="blocking-baseline: tasks run inline (100)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=_positive(float),
+        default=60.0,
+        help="seconds any one burst or level may take before the run fails (60)",
+    )
+    parser.add_argument(
+        "--gateway",
+        metavar="URL",
+        help="emails, responsive, noop-gateway: use this running gateway "
+        "(e.g. ws://127.0.0.1:8080/ws); figures that need the bench tasks are left out",
+    )
+    parser.add_argument(
+        "--pool", metavar="ADDR", help="noop-direct: use this running pool (tcp:HOST:PORT)"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a scenario and print (and optionally save) its figures."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_noop-direct-client"]:
+        _noop_direct_client_main(argv[1:])
+        return 0
+    if argv[:1] == ["_smtp-sink"]:
+        _smtp_sink_main(int(argv[1]), float(argv[2]))
+        return 0
+    options = build_parser().parse_args(argv)
     runs = []
     with tempfile.TemporaryDirectory(prefix="taskoffload-bench-") as directory:
         for n in range(options.repeat):
