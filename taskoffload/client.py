@@ -44,6 +44,9 @@ DEFAULT_POOL: Final = "tcp:127.0.0.1:12345"
 #: Seconds an address is skipped after a connection attempt to it failed.
 CONNECT_BACKOFF: Final = 1.0
 
+#: Connection attempts made to a pool before it has said how many task slots it has.
+FIRST_CONNECTS: Final = 16
+
 # Slack when comparing reactor times, so float rounding never delays an expiry by
 # one more timer round.
 _EPSILON: Final = 1e-6
@@ -212,7 +215,7 @@ class _Call:
 class _Target:
     """One pool address and the client's load on it."""
 
-    __slots__ = ("address", "busy", "connecting", "down_until", "error", "retry")
+    __slots__ = ("address", "busy", "connecting", "down_until", "error", "retry", "slots")
 
     def __init__(self, address: PoolAddress) -> None:
         self.address = address
@@ -226,6 +229,8 @@ class _Target:
         self.error: str | None = None
         #: The pool's idempotent tasks, from the latest session acknowledgement.
         self.retry: frozenset[str] = frozenset()
+        #: Tasks the pool runs at once (workers x concurrency), once it has said.
+        self.slots: int | None = None
 
     def __str__(self) -> str:
         return str(self.address)
@@ -279,6 +284,8 @@ class TaskClientProtocol(LineReceiver):
         if isinstance(reply, wire.SessionAck):
             # The latest word on the pool's task modules, which a reload may change.
             self.target.retry = frozenset(reply.retry)
+            if reply.slots:
+                self.target.slots = reply.slots
             if not self.accepted:
                 self.accepted = True
                 self.worker = reply.worker
@@ -517,8 +524,9 @@ class TaskClient:
         ):
             target = self._choose_target()
             if target is None:
-                self._fail_unserved()
-                return
+                if self._all_down():
+                    self._fail_unserved()
+                return  # every pool has as many connections as it has slots: wait
             self._connect(target)
 
     def _use(self, connection: TaskClientProtocol) -> None:
@@ -616,7 +624,7 @@ class TaskClient:
         for offset in range(count):
             index = (self._next_target + offset) % count
             target = self._targets[index]
-            if target.down_until > now:
+            if target.down_until > now or self._at_capacity(target):
                 continue
             load = target.busy + target.connecting
             if best is None or load < best_load:
@@ -624,6 +632,23 @@ class TaskClient:
         if best is not None:
             self._next_target = (best_index + 1) % count
         return best
+
+    def _all_down(self) -> bool:
+        now = self._reactor.seconds()
+        return all(target.down_until > now for target in self._targets)
+
+    def _at_capacity(self, target: _Target) -> bool:
+        """
+        More connections to ``target`` would only wait: it has as many as the pool
+        has task slots (it says how many when it accepts one), or, until it has
+        said, :data:`FIRST_CONNECTS` attempts are under way.  Calls beyond wait
+        here, and go out in order as connections free up, instead of queueing in
+        the pool's listening socket where the first worker to accept takes them.
+        """
+        if target.slots is None:
+            return target.connecting >= FIRST_CONNECTS
+        opened = sum(1 for c in self._connections if c.target is target)
+        return opened + target.connecting >= target.slots
 
     def _connect(self, target: _Target) -> None:
         address = target.address

@@ -72,6 +72,7 @@ class PoolConfig:
                 {
                     "tasks": list(self.tasks),
                     "concurrency": self.concurrency,
+                    "count": self.count,
                     "max_message": self.max_message,
                     "stop_timeout": self.stop_timeout,
                     "idle_timeout": self.idle_timeout,

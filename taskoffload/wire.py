@@ -209,6 +209,8 @@ class SessionAck:
 
     worker: int | None
     retry: tuple[str, ...] = ()
+    #: How many tasks the whole pool runs at once (workers x concurrency).
+    slots: int | None = None
 
 
 @attrs.frozen
@@ -373,6 +375,8 @@ def encode_session_ack(ack: SessionAck) -> bytes:
     session: dict[str, Any] = {"worker": ack.worker}
     if ack.retry:
         session["retry"] = list(ack.retry)
+    if ack.slots:
+        session["slots"] = ack.slots
     return dumps({"session": session}) + b"\n"
 
 
@@ -432,11 +436,15 @@ def decode_reply(data: bytes) -> Reply:
         if isinstance(obj.get("session"), dict):
             worker = obj["session"].get("worker")
             retry = obj["session"].get("retry")
+            slots = obj["session"].get("slots")
             return SessionAck(
                 worker=worker if isinstance(worker, int) else None,
                 retry=tuple(n for n in retry if isinstance(n, str))
                 if isinstance(retry, list)
                 else (),
+                slots=slots
+                if isinstance(slots, int) and not isinstance(slots, bool) and slots > 0
+                else None,
             )
         if isinstance(obj.get("goodbye"), str):
             return Goodbye(reason=obj["goodbye"])

@@ -309,6 +309,8 @@ class TaskServerFactory(Factory):
         give none.
     :param sync_deadlines: interrupts synchronous tasks at their deadline; without
         it only Deferred-returning tasks are held to one.
+    :param pool_slots: how many tasks the whole pool runs at once, told to clients
+        so they open no more connections than that.
     """
 
     protocol = TaskServerProtocol  # type: ignore[assignment]  # a Protocol subclass, as Twisted expects
@@ -326,6 +328,7 @@ class TaskServerFactory(Factory):
         after_task: Callable[[], None] | None = None,
         task_timeout: float | None = None,
         sync_deadlines: ISyncDeadlines | None = None,
+        pool_slots: int | None = None,
     ) -> None:
         self.task_timeout = task_timeout
         self._sync_deadlines = sync_deadlines
@@ -335,7 +338,9 @@ class TaskServerFactory(Factory):
         self.worker_id = worker_id
         retry = tuple(sorted(name for name, spec in registry.tasks.items() if spec.retry))
         #: The reply to a session line, the same for every connection.
-        self.session_ack = wire.encode_session_ack(wire.SessionAck(worker=worker_id, retry=retry))
+        self.session_ack = wire.encode_session_ack(
+            wire.SessionAck(worker=worker_id, retry=retry, slots=pool_slots)
+        )
         self.clock = clock
         self.concurrency = concurrency
         self.max_message = max_message

@@ -96,7 +96,11 @@ class Pool:
         return [f"{host}:{port}" for host, port, *_ in self.reactor.tcpClients]
 
     def accept(
-        self, index: int = -1, retry: Sequence[str] = (), worker: int | None = None
+        self,
+        index: int = -1,
+        retry: Sequence[str] = (),
+        worker: int | None = None,
+        slots: int | None = None,
     ) -> Worker:
         """
         Let connection attempt ``index`` succeed.  The worker's acknowledgement
@@ -113,7 +117,7 @@ class Pool:
         # ClientCreator hands the protocol over on the next reactor turn.
         self.reactor.advance(0)
         # The worker acknowledges the session line once it has accepted.
-        ack = wire.SessionAck(worker=worker, retry=tuple(retry))
+        ack = wire.SessionAck(worker=worker, retry=tuple(retry), slots=slots)
         protocol.dataReceived(wire.encode_session_ack(ack))
         return Worker(protocol, transport)
 
@@ -1039,3 +1043,39 @@ def test_lost_connection_drops_idle_ones_to_the_same_worker() -> None:
     assert first.fired and second.fired
     a.drop(ConnectionLost())
     assert b.closing
+
+
+def test_connections_capped_before_the_pool_says_its_size() -> None:
+    """Until a pool has said how many slots it has, at most 16 connects are under way."""
+    pool = Pool()
+    for _ in range(40):
+        pool.client.call("noop")
+    assert len(pool.reactor.tcpClients) == 16
+
+
+def test_connections_capped_at_the_pool_slots() -> None:
+    """Once the pool says it has N slots, the client holds at most N connections to it,
+    and the calls beyond wait for one to free."""
+    pool = Pool()
+    outcomes = [Outcome(pool.client.call("noop")) for _ in range(40)]
+    workers = [pool.accept(0, slots=4)]
+    assert len(pool.reactor.tcpClients) == 16  # the first attempts were already under way
+    workers += [pool.accept(i, slots=4) for i in range(1, 16)]
+    # 16 accepted: more than 4 is what the attempts before the ack cost; no new ones.
+    assert len(pool.reactor.tcpClients) == 16
+    for n, worker in enumerate(workers):
+        worker.answer(n)
+    assert len(pool.reactor.tcpClients) == 16
+    assert sum(o.fired for o in outcomes) == 16
+
+
+def test_slots_cap_connections_from_the_start() -> None:
+    """With the size known, a burst opens no more connections than the pool's slots."""
+    pool = Pool()
+    first = Outcome(pool.client.call("noop"))
+    pool.accept(0, slots=3).answer(None)
+    assert first.fired
+    burst = [Outcome(pool.client.call("noop")) for _ in range(10)]
+    # One idle connection is reused; two more are opened: three in all.
+    assert len(pool.reactor.tcpClients) == 3
+    assert not any(o.fired for o in burst)
