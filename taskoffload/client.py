@@ -692,6 +692,9 @@ class TaskClient:
         target.error = None
         self._connections.add(connection)
         self._use(connection)
+        # Its acknowledgement may have told us the pool's size: open what more
+        # connections the waiting calls need.
+        self._dispatch()
 
     def _connect_failed(
         self, reason: Failure, connecting: Deferred[TaskClientProtocol], target: _Target

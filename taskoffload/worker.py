@@ -35,6 +35,11 @@ __all__ = ["SharedSocketAcceptor", "TaskServerFactory", "TaskServerProtocol"]
 #: on its way, so that a burst of connections spreads over idle workers.
 RESERVATION_SECONDS = 1.0
 
+#: Seconds a TaskClient connection stays reserved after a reply: the client sends
+#: its next waiting call on it at once, and meanwhile this worker should not take
+#: a connection that an idle worker could.
+LINGER_SECONDS = 0.02
+
 
 class _Job:
     """One request on one connection, from arrival to final reply."""
@@ -245,6 +250,8 @@ class TaskServerProtocol(LineReceiver):
             )
         if not self._closing:
             self._send(wire.encode_reply(outcome))
+            if self._reject_when_busy and self._reservation is None and not self._queue:
+                self._reservation = self.factory.clock.callLater(LINGER_SECONDS, self._release)
         self.factory.state_changed()
         self._next()
         self._close_if_done()

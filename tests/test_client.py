@@ -1079,3 +1079,15 @@ def test_slots_cap_connections_from_the_start() -> None:
     # One idle connection is reused; two more are opened: three in all.
     assert len(pool.reactor.tcpClients) == 3
     assert not any(o.fired for o in burst)
+
+
+def test_learning_the_pool_size_opens_the_connections_waiting_calls_need() -> None:
+    """When the first acknowledgement says the pool is larger, more connections open
+    at once for the calls still waiting."""
+    pool = Pool()
+    for _ in range(40):
+        pool.client.call("noop")
+    assert len(pool.reactor.tcpClients) == 16
+    pool.accept(0, slots=100)
+    # 1 call went out on it; 15 attempts are under way for the other 39: 24 more.
+    assert len(pool.reactor.tcpClients) == 16 + 24
