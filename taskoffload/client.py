@@ -477,6 +477,14 @@ class TaskClient:
             self._dispatch()
         return call.deferred
 
+    def slots(self) -> int | None:
+        """
+        :return: how many tasks the pools run at once, as they said when they
+            accepted a connection; ``None`` before any has.
+        """
+        known = [t.slots for t in self._targets if t.slots]
+        return sum(known) if known else None
+
     # Lifecycle
 
     def close(self) -> Deferred[None]:

@@ -152,12 +152,46 @@ class _Pending:
         self.reply: bytes | None = None
 
 
+class _Ticket:
+    """One call of one client, waiting for its share of the pool or running there."""
+
+    __slots__ = (
+        "args",
+        "deadline",
+        "function",
+        "kwargs",
+        "on_progress",
+        "outcome",
+        "submitted",
+        "timer",
+    )
+
+    def __init__(
+        self,
+        function: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        on_progress: Callable[[Any], None] | None,
+    ) -> None:
+        self.function = function
+        self.args = args
+        self.kwargs = kwargs
+        self.on_progress = on_progress
+        self.deadline: float | None = None
+        self.timer: Any = None
+        self.outcome: Deferred[Any]
+        self.submitted: Deferred[Any] | None = None
+
+
 class GatewayProtocol(WebSocketServerProtocol):
     """One WebSocket client: many requests in flight, replies matched by ``id``."""
 
     factory: GatewayFactory
 
     def onOpen(self) -> None:
+        # Calls not yet handed to the pool, and how many are: see _admit.
+        self._waiting: deque[_Ticket] = deque()
+        self._submitted = 0
         self._by_id: dict[wire.RequestId, _Pending] = {}
         # Requests without an id, answered in the order they came.
         self._unnamed: deque[_Pending] = deque()
@@ -184,6 +218,7 @@ class GatewayProtocol(WebSocketServerProtocol):
         for pending in [*self._by_id.values(), *self._unnamed]:
             for d in pending.deferreds:
                 d.cancel()
+        self.factory.active.discard(self)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if isBinary:
@@ -307,14 +342,15 @@ class GatewayProtocol(WebSocketServerProtocol):
     ) -> Deferred[wire.Result | wire.ErrorReply]:
         """Run one task; the Deferred always fires with a reply record, never fails."""
         started = self.factory.clock.seconds()
-        d = maybeDeferred(
-            self.factory.pool.send_task,
-            function,
-            args,
-            kwargs,
-            timeout=timeout,
-            on_progress=on_progress,
-        )
+        ticket = _Ticket(function, args, kwargs, on_progress)
+        d: Deferred[Any] = Deferred(lambda _: self._cancel_ticket(ticket))
+        ticket.outcome = d
+        if timeout is not None:
+            ticket.deadline = started + timeout
+            ticket.timer = self.factory.clock.callLater(timeout, self._ticket_expired, ticket)
+        self._waiting.append(ticket)
+        self.factory.active.add(self)
+        self._admit()
 
         def done(outcome: Any) -> Any:
             seconds = self.factory.clock.seconds() - started
@@ -327,6 +363,68 @@ class GatewayProtocol(WebSocketServerProtocol):
 
         d.addBoth(done)
         return d
+
+    # Fair admission: each client may have its share of the pool's task slots in
+    # the pool's queue at once; the rest wait here.  So one client's burst (a
+    # batch of thousands, say) queues behind itself, and another client's call
+    # takes the next free slot instead of waiting behind the whole burst.
+
+    def _admit(self) -> None:
+        share = self.factory.share()
+        while self._waiting and self._submitted < share:
+            ticket = self._waiting.popleft()
+            if ticket.timer is not None:
+                ticket.timer.cancel()
+                ticket.timer = None
+            timeout = None
+            if ticket.deadline is not None:
+                timeout = ticket.deadline - self.factory.clock.seconds()
+                if timeout <= 0:
+                    ticket.outcome.errback(TaskError(wire.TIMEOUT, "no worker was free in time"))
+                    continue
+            self._submitted += 1
+            ticket.submitted = maybeDeferred(
+                self.factory.pool.send_task,
+                ticket.function,
+                ticket.args,
+                ticket.kwargs,
+                timeout=timeout,
+                on_progress=ticket.on_progress,
+            )
+            ticket.submitted.addBoth(self._ticket_done, ticket)
+        if not self._waiting and not self._submitted:
+            self.factory.active.discard(self)
+
+    def _ticket_done(self, outcome: Any, ticket: _Ticket) -> None:
+        self._submitted -= 1
+        ticket.submitted = None
+        if not ticket.outcome.called:
+            if isinstance(outcome, Failure):
+                ticket.outcome.errback(outcome)
+            else:
+                ticket.outcome.callback(outcome)
+        self._admit()
+
+    def _cancel_ticket(self, ticket: _Ticket) -> None:
+        if ticket.submitted is not None:
+            ticket.submitted.cancel()  # the pool sends the cancel; its failure follows
+            return
+        self._drop_waiting(ticket, TaskError(wire.CANCELLED, "cancelled by the caller"))
+
+    def _ticket_expired(self, ticket: _Ticket) -> None:
+        ticket.timer = None
+        self._drop_waiting(ticket, TaskError(wire.TIMEOUT, "no worker was free in time"))
+
+    def _drop_waiting(self, ticket: _Ticket, error: TaskError) -> None:
+        if ticket in self._waiting:
+            self._waiting.remove(ticket)
+            if ticket.timer is not None:
+                ticket.timer.cancel()
+                ticket.timer = None
+            if not ticket.outcome.called:
+                ticket.outcome.errback(error)
+            if not self._waiting and not self._submitted:
+                self.factory.active.discard(self)
 
     def _single(self, pending: _Pending, request: wire.Request) -> None:
         def progress(value: Any) -> None:
@@ -413,6 +511,9 @@ def _log_failure(failure: Failure, message: str, request_id: wire.RequestId) -> 
     _log.failure(message, failure, id=request_id)
 
 
+_UNLIMITED = 1 << 62
+
+
 class GatewayFactory(WebSocketServerFactory):
     """
     Builds :class:`GatewayProtocol` for every WebSocket client.
@@ -442,6 +543,8 @@ class GatewayFactory(WebSocketServerFactory):
         self.clock = clock
         self.limits = limits or GatewayLimits()
         self.stats = stats or GatewayStats()
+        #: Clients with calls waiting or running, among which the pool is shared.
+        self.active: set[GatewayProtocol] = set()
         self.setProtocolOptions(
             maxMessagePayloadSize=self.limits.max_message,
             maxFramePayloadSize=self.limits.max_message,
@@ -451,3 +554,14 @@ class GatewayFactory(WebSocketServerFactory):
             # Close with a handshake, so an error reply sent just before is delivered.
             failByDrop=False,
         )
+
+    def share(self) -> int:
+        """
+        :return: how many calls one client may have at the pool at once: the
+            pool's task slots (if it has said) divided among the active clients.
+        """
+        slots = getattr(self.pool, "slots", None)
+        total = slots() if callable(slots) else None
+        if not total:
+            return _UNLIMITED
+        return max(1, -(-total // max(1, len(self.active))))

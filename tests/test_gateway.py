@@ -637,3 +637,56 @@ def test_framed_oversize_message(txaio_clock: Clock) -> None:
     assert "100 bytes" in reply["error"]["message"]
     assert int.from_bytes(close[:2], "big") == 1009
     assert gateway.pool.calls == []
+
+
+# Fair admission
+
+
+class SizedPool(FakeTaskPool):
+    """A scripted pool that says how many task slots it has."""
+
+    def __init__(self, slots: int) -> None:
+        super().__init__()
+        self._slots = slots
+
+    def slots(self) -> int:
+        return self._slots
+
+
+def test_one_client_gets_no_more_than_the_pool_slots_at_once() -> None:
+    """A lone client's burst goes to the pool a slot's worth at a time, in order."""
+    gateway = Gateway(SizedPool(2))
+    peer = gateway.connect()
+    for n in range(5):
+        peer.send({"id": n, "function": "noop"})
+    assert len(gateway.pool.pending) == 2
+    gateway.pool.pending[0].succeed(None)
+    assert len(gateway.pool.pending) == 2
+    for _ in range(4):
+        gateway.pool.pending[0].succeed(None)
+    assert [r["id"] for r in peer.take()] == [0, 1, 2, 3, 4]
+
+
+def test_another_clients_call_is_not_queued_behind_a_burst() -> None:
+    """While one client's burst fills the pool, another client's call goes next."""
+    gateway = Gateway(SizedPool(2))
+    burst = gateway.connect()
+    for n in range(10):
+        burst.send({"id": n, "function": "sleep"})
+    probe = gateway.connect()
+    probe.send({"id": "p", "function": "noop"})
+    functions = [call.function for call in gateway.pool.pending]
+    assert functions == ["sleep", "sleep", "noop"]
+
+
+def test_waiting_call_times_out_and_can_be_cancelled() -> None:
+    """A call still waiting for its share fails with its timeout, or on cancel."""
+    gateway = Gateway(SizedPool(1))
+    peer = gateway.connect()
+    peer.send({"id": 1, "function": "sleep"})
+    peer.send({"id": 2, "function": "noop", "timeout": 5})
+    peer.send({"id": 3, "function": "noop"})
+    peer.send({"cancel": 3})
+    gateway.clock.advance(5)
+    assert errors(peer.take()) == [error(3, "cancelled"), error(2, "timeout")]
+    assert len(gateway.pool.pending) == 1
