@@ -512,6 +512,8 @@ def _log_failure(failure: Failure, message: str, request_id: wire.RequestId) -> 
 
 
 _UNLIMITED = 1 << 62
+#: The pool slots assumed until the pool says how many it has.
+FIRST_SHARE = 16
 
 
 class GatewayFactory(WebSocketServerFactory):
@@ -561,7 +563,9 @@ class GatewayFactory(WebSocketServerFactory):
             pool's task slots (if it has said) divided among the active clients.
         """
         slots = getattr(self.pool, "slots", None)
-        total = slots() if callable(slots) else None
-        if not total:
-            return _UNLIMITED
+        if not callable(slots):
+            return _UNLIMITED  # a pool that cannot say: no sharing
+        # Until the pool has said, assume a small one: the first burst must not
+        # all queue ahead of everyone else.
+        total = slots() or FIRST_SHARE
         return max(1, -(-total // max(1, len(self.active))))
