@@ -244,6 +244,7 @@ def run_worker(
     def graceful_stop() -> Any:
         assert acceptor is not None
         acceptor.stop()
+        factory.begin_stop()
         running = factory.running
         if running:
             log.info("Stopping: finishing {running} task(s)", running=running)

@@ -115,6 +115,10 @@ class TaskServerProtocol(LineReceiver):
     def lineReceived(self, line: bytes) -> None:
         if self._closing:
             return
+        if self.factory.stopping and self.idle:
+            # Not run: the goodbye that follows tells the client so.
+            self.close()
+            return
         try:
             message = wire.decode_message(line)
         except wire.BadMessage as e:
@@ -170,7 +174,13 @@ class TaskServerProtocol(LineReceiver):
         self.transport.loseConnection()  # type: ignore[union-attr]  # connected
 
     def _close_if_done(self) -> None:
-        if self._input_closed and self.idle and not self._closing:
+        if self._closing or not self.idle:
+            return
+        if self.factory.stopping:
+            # Stopping: a connection whose work is done says goodbye, so its
+            # client sends what comes next to another worker.
+            self.close()
+        elif self._input_closed:
             self._closing = True
             self.transport.loseConnection()  # type: ignore[union-attr]  # connected
 
@@ -293,6 +303,8 @@ class TaskServerProtocol(LineReceiver):
         if self.idle and not self._closing:
             self._send(wire.encode_goodbye(wire.Goodbye(reason="worker stopping")))
         self._closing = True
+        if self._reservation is not None:
+            self._release()
         self.transport.loseConnection()  # type: ignore[union-attr]  # connected
 
 
@@ -343,6 +355,8 @@ class TaskServerFactory(Factory):
         self._after_task = after_task
         self.registry = registry
         self.worker_id = worker_id
+        #: Set by :meth:`begin_stop`.
+        self.stopping = False
         retry = tuple(sorted(name for name, spec in registry.tasks.items() if spec.retry))
         #: The reply to a session line, the same for every connection.
         self.session_ack = wire.encode_session_ack(
@@ -423,6 +437,16 @@ class TaskServerFactory(Factory):
         d: Deferred[None] = Deferred()
         self._drained.append(d)
         return d
+
+    def begin_stop(self) -> None:
+        """
+        Stop taking work: idle connections say goodbye and close now, the others
+        once their running task has replied; requests that arrive meanwhile are
+        not run (the goodbye tells their clients).
+        """
+        self.stopping = True
+        for connection in list(self.connections):
+            connection._close_if_done()
 
     def close_all(self) -> Deferred[None]:
         """

@@ -964,3 +964,36 @@ def test_deadline_exceeded_is_a_timeout_reply() -> None:
     reply = orjson.loads(transport.value())
     assert reply["error"]["code"] == "timeout"
     assert "3.0 s" in reply["error"]["message"]
+
+
+def test_begin_stop_says_goodbye_when_each_connection_is_done() -> None:
+    """On stop, an idle connection gets a goodbye at once; a busy one after its reply;
+    a request arriving meanwhile on an idle connection is not run."""
+    ran: list[str] = []
+    release: Deferred[None] = Deferred()
+
+    @task
+    def slow() -> Deferred[None]:
+        ran.append("slow")
+        return release
+
+    @task
+    def quick() -> None:
+        ran.append("quick")
+
+    factory = TaskServerFactory(TaskRegistry.from_functions([slow, quick]), Clock())
+    idle, busy = (factory.buildProtocol(None) for _ in range(2))
+    idle_transport, busy_transport = StringTransport(), StringTransport()
+    idle.makeConnection(idle_transport)
+    busy.makeConnection(busy_transport)
+    busy.dataReceived(b'{"id": 1, "function": "slow"}\n')
+    factory.begin_stop()
+    assert orjson.loads(idle_transport.value()) == {"goodbye": "worker stopping"}
+    assert idle_transport.disconnecting
+    idle.dataReceived(b'{"id": 2, "function": "quick"}\n')
+    assert not busy_transport.disconnecting
+    release.callback(None)
+    lines = [orjson.loads(line) for line in busy_transport.value().splitlines()]
+    assert lines == [{"id": 1, "result": None}, {"goodbye": "worker stopping"}]
+    assert busy_transport.disconnecting
+    assert ran == ["slow"]
