@@ -113,6 +113,10 @@ class _Lifeline:
             on_close()
 
 
+#: The longest alarm set (about three years); a longer deadline is as good as none.
+MAX_ALARM_SECONDS = 1e8
+
+
 @implementer(ISyncDeadlines)
 class AlarmDeadlines:
     """
@@ -134,11 +138,13 @@ class AlarmDeadlines:
             raise DeadlineExceeded("the task ran past its deadline")
 
     def arm(self, seconds: float) -> None:
-        self._armed = True
+        # setitimer overflows on huge values; a deadline years away is none.
+        seconds = min(seconds, MAX_ALARM_SECONDS)
         self._events.send(
             {"event": "deadline", "kill_at": time.monotonic() + seconds + self._grace}
         )
         signal.setitimer(signal.ITIMER_REAL, seconds)
+        self._armed = True
 
     def disarm(self) -> None:
         signal.setitimer(signal.ITIMER_REAL, 0)

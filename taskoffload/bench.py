@@ -1038,6 +1038,12 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["_smtp-sink"]:
         _smtp_sink_main(int(argv[1]), float(argv[2]))
         return 0
+    if argv[:1] == ["faults"]:
+        # The fault suite (issue 5) at full size: kill storm, slowloris, hostile
+        # input, supervisor crash, idle WebSockets.  See taskoffload.faults.
+        from taskoffload import faults
+
+        return faults.main(argv[1:])
     options = build_parser().parse_args(argv)
     runs = []
     with tempfile.TemporaryDirectory(prefix="taskoffload-bench-") as directory:

@@ -699,6 +699,11 @@ class TaskClient:
         target.down_until = 0.0
         target.error = None
         self._connections.add(connection)
+        if not self._queued:
+            # Accepted after the calls it was opened for went elsewhere: holding
+            # it idle would keep its worker reserved for nothing.
+            self._retire(connection)
+            return
         self._use(connection)
         # Its acknowledgement may have told us the pool's size: open what more
         # connections the waiting calls need.

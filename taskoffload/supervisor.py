@@ -508,6 +508,10 @@ class WorkerPoolService(Service):
         if record is None:
             return
         record.serving = True
+        if self._stopping:
+            # Forked before the stop, and SIGTERMed as it forked: a child ignores
+            # the signal until it has set its handlers, so send it again.
+            os.kill(event["pid"], signal.SIGTERM)
         if self._reloading_slot == record.index:
             self._reload_next()
         if self._count_serving() == self.config.count:
@@ -578,6 +582,7 @@ class WorkerPoolService(Service):
         self._worker_gone(record, event.get("code"))
 
     def _worker_gone(self, record: WorkerRecord, code: int | None) -> None:
+        was_serving = record.serving
         pid, record.pid, record.serving = record.pid, None, False
         if record.deadline_kill is not None and record.deadline_kill.active():
             record.deadline_kill.cancel()
@@ -595,7 +600,10 @@ class WorkerPoolService(Service):
             self._fork(record)
             return
         uptime = self.reactor.seconds() - record.started
-        if uptime >= STABLE_SECONDS:
+        if uptime >= STABLE_SECONDS or was_serving:
+            # It served, so it is no crash loop (it was killed, or a task took it
+            # down): replace it at once.  Backoff is for workers that die before
+            # they ever serve.
             record.delay = 0.0
         else:
             record.delay = min(max(record.delay * 2, MIN_RESTART_DELAY), MAX_RESTART_DELAY)

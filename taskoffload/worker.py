@@ -35,6 +35,11 @@ __all__ = ["SharedSocketAcceptor", "TaskServerFactory", "TaskServerProtocol"]
 #: on its way, so that a burst of connections spreads over idle workers.
 RESERVATION_SECONDS = 1.0
 
+#: Seconds a new connection counts as busy before its first byte: long enough
+#: for a client that sends at once, short enough that silent connections cannot
+#: stall accepting.
+FIRST_BYTE_SECONDS = 0.05
+
 #: Seconds a TaskClient connection stays reserved after a reply: the client sends
 #: its next waiting call on it at once, and meanwhile this worker should not take
 #: a connection that an idle worker could.
@@ -78,7 +83,12 @@ class TaskServerProtocol(LineReceiver):
 
     def connectionMade(self) -> None:
         self.MAX_LENGTH = self.factory.max_message
-        self._reservation = self.factory.clock.callLater(RESERVATION_SECONDS, self._release)
+        self._reservation = self.factory.clock.callLater(FIRST_BYTE_SECONDS, self._release)
+        # The first line, too, must come within idle_timeout: a silent connection
+        # is closed like a stalled one.
+        self._partial = self.factory.clock.callLater(
+            self.factory.idle_timeout, self._partial_timed_out
+        )
         self.factory.connection_opened(self)
 
     def dataReceived(self, data: bytes) -> None:
@@ -130,6 +140,13 @@ class TaskServerProtocol(LineReceiver):
         if isinstance(message, wire.Session):
             self._reject_when_busy = message.reject_when_busy
             self._send(self.factory.session_ack)
+            if message.reject_when_busy:
+                # A TaskClient sends its first request once it has the ack: hold
+                # the slot for it.
+                if self._reservation is not None and self._reservation.active():
+                    self._reservation.cancel()
+                self._reservation = self.factory.clock.callLater(RESERVATION_SECONDS, self._release)
+                self.factory.state_changed()
             return
         if self._reject_when_busy and self.idle and self.factory.at_limit:
             # This process is busy with another connection's work; the client

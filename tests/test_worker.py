@@ -584,13 +584,37 @@ def test_sync_request_frees_capacity(server: Server) -> None:
 
 
 def test_reservation_expires(server: Server) -> None:
-    """A connection that sends nothing holds its reservation for RESERVATION_SECONDS only."""
+    """A connection that sends nothing holds its reservation for FIRST_BYTE_SECONDS only."""
+    from taskoffload.worker import FIRST_BYTE_SECONDS
+
     server.connect()
+    server.clock.advance(FIRST_BYTE_SECONDS / 2)
+    assert not server.factory.has_capacity
+    server.clock.advance(FIRST_BYTE_SECONDS / 2)
+    assert server.factory.has_capacity
+    assert server.capacity == [False, True]
+
+
+def test_session_line_holds_the_reservation_for_the_first_request(server: Server) -> None:
+    """After a TaskClient's session line, the slot is held up to RESERVATION_SECONDS."""
+    connection = server.connect()
+    connection.send({"session": {"reject_when_busy": True}})
     server.clock.advance(RESERVATION_SECONDS - 0.01)
     assert not server.factory.has_capacity
     server.clock.advance(0.01)
     assert server.factory.has_capacity
-    assert server.capacity == [False, True]
+
+
+def test_silent_connection_closed_after_idle_timeout() -> None:
+    """A connection that never sends a whole line is closed after idle_timeout."""
+    clock = Clock()
+    factory = TaskServerFactory(TaskRegistry.from_functions([]), clock, idle_timeout=5.0)
+    protocol = factory.buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    clock.advance(5.0)
+    assert orjson.loads(transport.value())["error"]["code"] == "bad_request"
+    assert transport.disconnecting
 
 
 def test_idle_connection_gives_capacity_back(server: Server) -> None:

@@ -230,3 +230,26 @@ def twistd_trees(tmp_path: Path) -> Iterator[callable]:
     yield start
     for tree in started:
         tree.stop()
+
+
+@pytest.fixture
+def role_all(twistd) -> Iterator[callable]:
+    """Start role all (gateway and pool in one tree) on free ports; wait until both serve."""
+
+    def start(count: int = 2, *extra: str) -> tuple[Twistd, int, int]:
+        """:return: the tree, the gateway's port and the pool's port."""
+        gateway_port = free_port()
+        pool_port = wait_for(lambda: (p := free_port()) != gateway_port and p, 5, what="a port")
+        tree = twistd(
+            f"--count={count}",
+            "--listen",
+            f"tcp:{gateway_port}:interface=127.0.0.1",
+            "--pool-listen",
+            f"tcp:{pool_port}:interface=127.0.0.1",
+            *extra,
+        )
+        tree.wait_for_log("Gateway listening on")
+        tree.wait_for_log(f"All {count} workers serving")
+        return tree, gateway_port, pool_port
+
+    yield start
