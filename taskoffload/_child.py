@@ -207,6 +207,7 @@ def run_worker(
         idle_timeout=float(config.get("idle_timeout", 60.0)),
         task_timeout=config.get("task_timeout"),
         pool_slots=config.get("count", 0) * config["concurrency"] or None,
+        secret=bytes.fromhex(config["secret"]) if config.get("secret") else None,
         sync_deadlines=AlarmDeadlines(events, grace=float(config.get("kill_grace", 1.0))),
         after_task=lambda: recycle_if_due(),
     )

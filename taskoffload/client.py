@@ -272,14 +272,26 @@ class TaskClientProtocol(LineReceiver):
             if ITCPTransport.providedBy(transport):
                 transport.setTcpNoDelay(True)
         # Ask a busy worker to hand requests back rather than queue them behind
-        # another connection's task (see wire.Session).
-        self.send(_SESSION)
+        # another connection's task (see wire.Session).  With a secret, that waits
+        # for the worker's challenge.
+        if self.client._secret is None:
+            self.send(_SESSION)
 
     def lineReceived(self, line: bytes) -> None:
         try:
             reply = wire.decode_reply(line)
         except wire.BadMessage as e:
             self.client._bad_reply(self, e.message)
+            return
+        if isinstance(reply, wire.Challenge):
+            if self.client._secret is None:
+                if not self.ready.called:
+                    why = "the pool asks for a shared secret; give the client secret=..."
+                    self.ready.errback(Failure(ConnectionRefusedError(why)))
+                self.close()
+                return
+            answer = wire.Auth(digest=wire.auth_digest(self.client._secret, reply.nonce))
+            self.send(wire.encode_auth(answer) + _SESSION)
             return
         if isinstance(reply, wire.SessionAck):
             # The latest word on the pool's task modules, which a reload may change.
@@ -354,6 +366,8 @@ class TaskClient:
     :param max_connections: bound on open and opening connections together.
     :param max_message: longest reply line accepted, in bytes.
     :param connect_timeout: seconds a connection attempt may take.
+    :param secret: the pools' shared secret, if they ask for one (an HMAC
+        challenge on each connection).
     :raises ValueError: for an unreadable address or an out-of-range number.
     """
 
@@ -369,6 +383,7 @@ class TaskClient:
         max_connections: int = 1024,
         max_message: int = wire.DEFAULT_MAX_MESSAGE,
         connect_timeout: float = 5.0,
+        secret: bytes | None = None,
     ) -> None:
         if isinstance(addresses, str):
             raise ValueError("addresses is a sequence of address strings, not one string")
@@ -385,6 +400,7 @@ class TaskClient:
         if not connect_timeout > 0:
             raise ValueError("connect_timeout must be positive")
         self._reactor = reactor
+        self._secret = secret
         self._idle_timeout = idle_timeout
         self._timeout = timeout
         self._max_connections = max_connections

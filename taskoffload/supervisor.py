@@ -64,6 +64,8 @@ class PoolConfig:
     #: Seconds past a task's deadline before its worker is killed, if the task
     #: could not be interrupted.
     kill_grace: float = 1.0
+    #: Shared secret every connection must prove it knows (``None``: none).
+    secret: bytes | None = attrs.field(default=None, repr=False)
 
     def to_json(self) -> bytes:
         """The configuration line sent to the fork server."""
@@ -80,6 +82,7 @@ class PoolConfig:
                     "max_memory_per_child": self.max_memory_per_child,
                     "task_timeout": self.task_timeout,
                     "kill_grace": self.kill_grace,
+                    "secret": self.secret.hex() if self.secret is not None else None,
                     "env": self.env,
                     "path": [p for p in sys.path if p],
                 }

@@ -9,6 +9,8 @@ request's ``id`` so that the error reply reaches the right caller.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import reprlib
 from typing import Any, Final, TypeAlias
@@ -28,8 +30,10 @@ __all__ = [
     "UNAUTHORIZED",
     "UNKNOWN_FUNCTION",
     "WORKER_LOST",
+    "Auth",
     "BadMessage",
     "Cancel",
+    "Challenge",
     "ErrorReply",
     "Goodbye",
     "Message",
@@ -40,10 +44,13 @@ __all__ = [
     "Result",
     "Session",
     "SessionAck",
+    "auth_digest",
     "decode_message",
     "decode_reply",
     "dumps",
+    "encode_auth",
     "encode_cancel",
+    "encode_challenge",
     "encode_goodbye",
     "encode_reply",
     "encode_request",
@@ -161,7 +168,40 @@ class Session:
 #: Error ``type`` of the ``overloaded`` reply to a rejected request (see :class:`Session`).
 WORKER_BUSY: Final = "WorkerBusy"
 
-Message: TypeAlias = Request | Cancel | Session
+
+@attrs.frozen
+class Challenge:
+    """
+    Sent first by a worker that has a shared secret: the client must answer with
+    :class:`Auth` before anything else.
+    """
+
+    nonce: str
+
+
+@attrs.frozen
+class Auth:
+    """A client's answer to a :class:`Challenge`: HMAC-SHA256(secret, nonce), hex."""
+
+    digest: str
+
+
+def auth_digest(secret: bytes, nonce: str) -> str:
+    """The answer to a challenge with ``nonce`` under ``secret``."""
+    return hmac.new(secret, nonce.encode("ascii"), hashlib.sha256).hexdigest()
+
+
+def encode_challenge(challenge: Challenge) -> bytes:
+    """Encode a challenge as one line."""
+    return dumps({"challenge": challenge.nonce}) + b"\n"
+
+
+def encode_auth(auth: Auth) -> bytes:
+    """Encode an answer to a challenge as one line."""
+    return dumps({"auth": auth.digest}) + b"\n"
+
+
+Message: TypeAlias = Request | Cancel | Session | Auth
 
 
 @attrs.frozen
@@ -223,7 +263,7 @@ class Goodbye:
     reason: str
 
 
-Reply: TypeAlias = Result | ErrorReply | Progress | SessionAck | Goodbye
+Reply: TypeAlias = Result | ErrorReply | Progress | SessionAck | Goodbye | Challenge
 
 
 def _loads(data: bytes) -> Any:
@@ -271,6 +311,10 @@ def decode_message(data: bytes) -> Message:
         raise BadMessage(f"a message must be a JSON object, not {_json_type(obj)}")
     raw_id = obj.get("id")
     request_id = raw_id if _is_id(raw_id) else None
+    if "auth" in obj:
+        if len(obj) != 1 or not isinstance(obj["auth"], str):
+            raise BadMessage('an answer to a challenge is {"auth": HEX}')
+        return Auth(digest=obj["auth"])
     if "session" in obj:
         options = obj["session"]
         if len(obj) != 1 or not isinstance(options, dict):
@@ -419,6 +463,8 @@ def encode_reply(reply: Reply) -> bytes:
         return encode_session_ack(reply)
     if isinstance(reply, Goodbye):
         return encode_goodbye(reply)
+    if isinstance(reply, Challenge):
+        return encode_challenge(reply)
     error: dict[str, Any] = {"code": reply.code, "message": reply.message}
     if reply.type is not None:
         error["type"] = reply.type
@@ -448,6 +494,8 @@ def decode_reply(data: bytes) -> Reply:
             )
         if isinstance(obj.get("goodbye"), str):
             return Goodbye(reason=obj["goodbye"])
+        if isinstance(obj.get("challenge"), str):
+            return Challenge(nonce=obj["challenge"])
     if not isinstance(obj, dict) or "id" not in obj or not _is_id(obj["id"]):
         raise BadMessage("a reply must be an object with an id")
     request_id = obj["id"]

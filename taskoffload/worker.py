@@ -7,6 +7,8 @@ acceptor that takes connections from the shared listening socket one at a time.
 from __future__ import annotations
 
 import errno
+import hmac
+import os
 import socket
 from collections import deque
 from collections.abc import Callable
@@ -76,6 +78,7 @@ class TaskServerProtocol(LineReceiver):
         self._reservation: IDelayedCall | None = None
         self._partial: IDelayedCall | None = None
         self._closing = False
+        self._nonce: str | None = None
         self._input_closed = False
         self._reject_when_busy = False
 
@@ -83,6 +86,12 @@ class TaskServerProtocol(LineReceiver):
 
     def connectionMade(self) -> None:
         self.MAX_LENGTH = self.factory.max_message
+        secret = self.factory.secret
+        if secret is not None:
+            self._nonce = os.urandom(16).hex()
+            self._send(wire.encode_challenge(wire.Challenge(nonce=self._nonce)))
+        else:
+            self._nonce = None
         self._reservation = self.factory.clock.callLater(FIRST_BYTE_SECONDS, self._release)
         # The first line, too, must come within idle_timeout: a silent connection
         # is closed like a stalled one.
@@ -132,8 +141,24 @@ class TaskServerProtocol(LineReceiver):
         try:
             message = wire.decode_message(line)
         except wire.BadMessage as e:
+            if self._nonce is not None:
+                self._unauthorized("answer the challenge first")
+                return
             self._send(wire.encode_reply(e.to_reply()))
             return
+        if self._nonce is not None:
+            # A shared secret guards this port: nothing runs before the answer.
+            secret = self.factory.secret
+            assert secret is not None
+            if isinstance(message, wire.Auth) and hmac.compare_digest(
+                message.digest, wire.auth_digest(secret, self._nonce)
+            ):
+                self._nonce = None
+            else:
+                self._unauthorized("wrong or missing answer to the challenge")
+            return
+        if isinstance(message, wire.Auth):
+            return  # no challenge was sent: nothing to check
         if isinstance(message, wire.Cancel):
             self._cancel(message.id)
             return
@@ -177,6 +202,12 @@ class TaskServerProtocol(LineReceiver):
         if self._reservation is not None:
             self._release()
         self._next()
+
+    def _unauthorized(self, why: str) -> None:
+        self._closing = True
+        reply = wire.ErrorReply(id=None, code=wire.UNAUTHORIZED, message=why)
+        self._send(wire.encode_reply(reply))
+        self.transport.loseConnection()  # type: ignore[union-attr]  # connected
 
     def readConnectionLost(self) -> None:
         """
@@ -347,6 +378,8 @@ class TaskServerFactory(Factory):
         it only Deferred-returning tasks are held to one.
     :param pool_slots: how many tasks the whole pool runs at once, told to clients
         so they open no more connections than that.
+    :param secret: if set, every connection must answer an HMAC challenge with it
+        before any request is read.
     """
 
     protocol = TaskServerProtocol  # type: ignore[assignment]  # a Protocol subclass, as Twisted expects
@@ -365,7 +398,9 @@ class TaskServerFactory(Factory):
         task_timeout: float | None = None,
         sync_deadlines: ISyncDeadlines | None = None,
         pool_slots: int | None = None,
+        secret: bytes | None = None,
     ) -> None:
+        self.secret = secret
         self.task_timeout = task_timeout
         self._sync_deadlines = sync_deadlines
         self.idle_timeout = idle_timeout

@@ -1093,3 +1093,38 @@ def test_learning_the_pool_size_opens_the_connections_waiting_calls_need() -> No
     pool.accept(0, slots=100)
     # 1 call went out on it; 15 attempts are under way for the other 39: 24 more.
     assert len(pool.reactor.tcpClients) == 16 + 24
+
+
+def test_client_answers_the_challenge_with_its_secret() -> None:
+    """A client with the pool's secret answers its challenge, then sends its session."""
+    reactor = MemoryReactorClock()
+    client = TaskClient(reactor, [ADDRESS], secret=b"s3cret")
+    outcome = Outcome(client.call("noop"))
+    host, port, factory, *_ = reactor.tcpClients[-1]
+    protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
+    transport = TCPStringTransport()
+    protocol.makeConnection(transport)
+    reactor.advance(0)
+    assert transport.value() == b""  # waits for the challenge
+    protocol.dataReceived(b'{"challenge": "abcd"}\n')
+    auth, session = (orjson.loads(line) for line in transport.value().splitlines())
+    assert auth == {"auth": wire.auth_digest(b"s3cret", "abcd")}
+    assert session == {"session": {"reject_when_busy": True}}
+    protocol.dataReceived(b'{"session": {"worker": 3}}\n')
+    protocol.dataReceived(b'{"id": 1, "result": "ok"}\n')
+    assert outcome.result == "ok"
+
+
+def test_client_without_secret_says_why_it_cannot_connect() -> None:
+    """A client without a secret, challenged by a pool, fails its call naming the secret."""
+    pool = Pool()
+    outcome = Outcome(pool.client.call("noop"))
+    host, port, factory, *_ = pool.reactor.tcpClients[-1]
+    protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
+    transport = TCPStringTransport()
+    protocol.makeConnection(transport)
+    pool.reactor.advance(0)
+    protocol.dataReceived(b'{"challenge": "abcd"}\n')
+    protocol.connectionLost(Failure(ConnectionDone()))
+    assert outcome.error.code == "worker_lost"
+    assert "shared secret" in outcome.error.message

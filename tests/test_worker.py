@@ -1021,3 +1021,42 @@ def test_begin_stop_says_goodbye_when_each_connection_is_done() -> None:
     assert lines == [{"id": 1, "result": None}, {"goodbye": "worker stopping"}]
     assert busy_transport.disconnecting
     assert ran == ["slow"]
+
+
+def _secret_server() -> tuple[TaskServerProtocol, StringTransport]:
+    @task
+    def ping() -> str:
+        return "pong"
+
+    factory = TaskServerFactory(TaskRegistry.from_functions([ping]), Clock(), secret=b"s3cret")
+    protocol = factory.buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+def test_secret_right_answer_then_requests_run() -> None:
+    """With a secret, the worker challenges first; the right answer unlocks requests."""
+    protocol, transport = _secret_server()
+    challenge = orjson.loads(transport.value())["challenge"]
+    transport.clear()
+    digest = wire.auth_digest(b"s3cret", challenge)
+    protocol.dataReceived(orjson.dumps({"auth": digest}) + b'\n{"id": 1, "function": "ping"}\n')
+    assert orjson.loads(transport.value()) == {"id": 1, "result": "pong"}
+    assert not transport.disconnecting
+
+
+@pytest.mark.parametrize(
+    "first",
+    [b'{"auth": "0000"}', b'{"id": 1, "function": "ping"}', b"not json"],
+    ids=["wrong-answer", "request-first", "garbage-first"],
+)
+def test_secret_wrong_or_missing_answer_is_unauthorized(first: bytes) -> None:
+    """A wrong answer, or anything before the answer, gets ``unauthorized`` and a close;
+    nothing runs."""
+    protocol, transport = _secret_server()
+    transport.clear()
+    protocol.dataReceived(first + b"\n" + b'{"id": 2, "function": "ping"}\n')
+    [reply] = [orjson.loads(line) for line in transport.value().splitlines()]
+    assert reply["error"]["code"] == "unauthorized"
+    assert transport.disconnecting
