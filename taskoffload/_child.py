@@ -175,7 +175,7 @@ def run_worker(
     from twisted.internet import default
 
     default.install()
-    from twisted.internet import defer, reactor
+    from twisted.internet import defer, reactor, task
     from twisted.logger import Logger, globalLogBeginner
 
     from taskoffload.registry import load_tasks
@@ -268,9 +268,19 @@ def run_worker(
         except defer.TimeoutError:
             pass
 
+    last_report: list[Any] = [None]
+
+    def report_stats() -> None:
+        # Once a second at most, and only on change: what `status` shows per worker.
+        stats = (factory.tasks_done, round(resident_mib(), 1))
+        if stats != last_report[0]:
+            last_report[0] = stats
+            events.send({"event": "stats", "tasks_done": stats[0], "rss_mib": stats[1]})
+
     def started() -> None:
         assert acceptor is not None
         acceptor.resume()
+        task.LoopingCall(report_stats).start(1.0, now=True)
         # Replace Twisted's handlers, which would stop an already stopping reactor
         # when a second signal comes (say, one to the whole process group).
         signal.signal(signal.SIGTERM, on_signal)

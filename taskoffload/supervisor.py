@@ -124,6 +124,9 @@ class WorkerRecord:
     recycled: int = 0
     reloading: bool = False
     deadline_kill: IDelayedCall | None = None
+    #: What the current process last reported (tasks it ran, resident MiB).
+    process_tasks: int = 0
+    rss_mib: float | None = None
     killed_for_deadline: int = 0
 
 
@@ -530,6 +533,13 @@ class WorkerPoolService(Service):
             for d in waiters:
                 d.callback(elapsed)
 
+    def _on_stats(self, event: dict[str, Any]) -> None:
+        record = self.workers.get(event["index"])
+        if record is not None and record.pid == event["pid"]:
+            record.process_tasks = int(event.get("tasks_done", 0))
+            rss = event.get("rss_mib")
+            record.rss_mib = float(rss) if rss is not None else None
+
     def _on_deadline(self, event: dict[str, Any]) -> None:
         record = self.workers.get(event["index"])
         if record is None or record.pid != event["pid"]:
@@ -576,7 +586,8 @@ class WorkerPoolService(Service):
     def _on_stopped(self, event: dict[str, Any]) -> None:
         record = self.workers.get(event["index"])
         if record is not None and record.pid == event["pid"]:
-            record.tasks_done += int(event.get("tasks_done", 0))
+            # Its final count; added to the slot's total when it has exited.
+            record.process_tasks = int(event.get("tasks_done", 0))
 
     def _on_exited(self, event: dict[str, Any]) -> None:
         record = self.workers.get(event["index"])
@@ -586,6 +597,10 @@ class WorkerPoolService(Service):
 
     def _worker_gone(self, record: WorkerRecord, code: int | None) -> None:
         was_serving = record.serving
+        # The slot's count goes on across processes; memory was the dead one's.
+        record.tasks_done += record.process_tasks
+        record.process_tasks = 0
+        record.rss_mib = None
         pid, record.pid, record.serving = record.pid, None, False
         if record.deadline_kill is not None and record.deadline_kill.active():
             record.deadline_kill.cancel()
@@ -689,6 +704,8 @@ class WorkerPoolService(Service):
                     "uptime": round(now - r.started, 3) if r.pid else None,
                     "restarts": r.restarts,
                     "recycled": r.recycled,
+                    "tasks_done": r.tasks_done + r.process_tasks,
+                    "rss_mib": r.rss_mib,
                 }
                 for r in self.workers.values()
             ],

@@ -22,11 +22,18 @@ from zope.interface import implementer
 
 from taskoffload import wire
 from taskoffload.__main__ import (
+    CLEAR_SCREEN,
+    DEFAULT_GATEWAY,
+    EXIT_UNREACHABLE,
+    GatewayUnreachable,
     _call,
     build_parser,
+    format_duration,
     format_reply,
+    format_status,
     parse_task_arguments,
     run_call,
+    run_status,
 )
 from taskoffload.client import DEFAULT_POOL, ITaskPool, TaskError
 
@@ -254,3 +261,226 @@ def test_command_error_exit_status() -> None:
     assert isinstance(exited, SystemExit)
     assert exited.code == 1
     assert orjson.loads(out.getvalue())["error"]["code"] == "task_failed"
+
+
+# The status command
+
+SAMPLE_STATUS: dict[str, Any] = {
+    "gateway": {
+        "clients": 3,
+        "inflight": 1,
+        "requests": 1234,
+        "by_function": {f"f{n:02d}": n for n in range(1, 13)} | {"echo": 1000},
+        "by_outcome": {"ok": 1220, "timeout": 10, "task_failed": 4},
+        "latency": {"p50_ms": 1.234, "p90_ms": 3.0, "p99_ms": 12.5, "max_ms": 40.0},
+    },
+    "pool": {
+        "count": 2,
+        "alive": 2,
+        "serving": 1,
+        "restarts": 3,
+        "recycled": 1,
+        "reloads": 4,
+        "reloading": False,
+        "killed_past_deadline": 0,
+        "workers": [
+            {
+                "index": 0,
+                "pid": 41234,
+                "state": "serving",
+                "uptime": 3725.2,
+                "restarts": 2,
+                "recycled": 1,
+            },
+            {
+                "index": 1,
+                "pid": 41240,
+                "state": "starting",
+                "uptime": 35.9,
+                "restarts": 1,
+                "recycled": 0,
+            },
+        ],
+    },
+}
+
+
+def status_options(*argv: str) -> argparse.Namespace:
+    """Parse a ``status`` command line."""
+    return parse("status", *argv)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (None, "-"),
+        (0, "0s"),
+        (35.9, "35s"),
+        (60, "1m00s"),
+        (245, "4m05s"),
+        (3725.2, "1h02m"),
+        (86399, "23h59m"),
+        (3 * 86400 + 4 * 3600 + 59, "3d04h"),
+    ],
+)
+def test_format_duration(seconds: float | None, text: str) -> None:
+    """Uptimes read as a person says them, in the two largest units."""
+    assert format_duration(seconds) == text
+
+
+def test_status_defaults() -> None:
+    """``status`` alone asks the default gateway once, without a token."""
+    options = status_options()
+    assert options.gateway == DEFAULT_GATEWAY == "http://127.0.0.1:8080"
+    assert options.watch is None
+    assert options.token is None
+    assert options.count is None
+
+
+def test_status_watch_option() -> None:
+    """``--watch`` alone means every second; with a value, that many seconds."""
+    assert status_options("--watch").watch == 1.0
+    assert status_options("--watch", "2.5").watch == 2.5
+    with pytest.raises(SystemExit):
+        status_options("--watch", "0")
+
+
+def test_status_count_is_hidden(capsys: pytest.CaptureFixture[str]) -> None:
+    """The test-only ``--count`` works but is not advertised in ``--help``."""
+    assert status_options("--watch", "--count", "2").count == 2
+    with pytest.raises(SystemExit):
+        status_options("--help")
+    assert "--count" not in capsys.readouterr().out
+
+
+def test_format_status_header() -> None:
+    """The header block shows the gateway's counters and the pool's totals."""
+    text = format_status(SAMPLE_STATUS, "http://gw:8080")
+    lines = text.splitlines()
+    assert lines[0] == "taskoffload status - http://gw:8080"
+    gateway = next(line for line in lines if line.startswith("Gateway"))
+    for part in ["clients 3", "in flight 1", "requests 1234", "p50 1.2 ms", "p99 12.5 ms"]:
+        assert part in gateway
+    pool = next(line for line in lines if line.startswith("Pool"))
+    for part in ["serving 1/2", "restarts 3", "recycled 1", "reloads 4"]:
+        assert part in pool
+    assert text.endswith("\n")
+
+
+def test_format_status_worker_rows() -> None:
+    """One row per worker, then totals; columns /status lacks show ``-``."""
+    lines = format_status(SAMPLE_STATUS).splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("worker"))
+    assert lines[header].split() == [
+        "worker", "pid", "state", "uptime", "restarts", "recycled", "tasks", "done", "memory"
+    ]  # fmt: skip
+    assert lines[header + 1].split() == ["0", "41234", "serving", "1h02m", "2", "1", "-", "-"]
+    assert lines[header + 2].split() == ["1", "41240", "starting", "35s", "1", "0", "-", "-"]
+    assert lines[header + 3].split() == ["total", "2", "up", "1", "serving", "3", "1", "-", "-"]
+
+
+def test_format_status_tasks_and_memory_when_known() -> None:
+    """Per-worker ``tasks_done`` and ``rss_mib``, when /status has them, fill their columns."""
+    document = orjson.loads(orjson.dumps(SAMPLE_STATUS))
+    for n, worker in enumerate(document["pool"]["workers"]):
+        worker.update(tasks_done=10 * (n + 1), rss_mib=20.5)
+    lines = format_status(document).splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("worker"))
+    assert lines[header + 1].split()[-3:] == ["10", "20.5", "MiB"]
+    assert lines[header + 3].split()[-3:] == ["30", "41.0", "MiB"]
+
+
+def test_format_status_counts() -> None:
+    """Errors list every outcome but ``ok``; functions list the ten busiest, busiest first."""
+    lines = format_status(SAMPLE_STATUS).splitlines()
+    errors = lines.index("Errors by outcome:")
+    assert [line.split() for line in lines[errors + 1 : errors + 3]] == [
+        ["timeout", "10"],
+        ["task_failed", "4"],
+    ]
+    assert not any(line.split()[:1] == ["ok"] for line in lines)
+    functions = lines.index("Requests by function (top 10):")
+    listed = [line.split()[0] for line in lines[functions + 1 :]]
+    assert listed == ["echo", "f12", "f11", "f10", "f09", "f08", "f07", "f06", "f05", "f04"]
+
+
+def test_format_status_remote_pool_and_fresh_gateway() -> None:
+    """A gateway in front of remote pools lists their addresses; no traffic shows ``-``/none."""
+    document = {
+        "gateway": {
+            "clients": 0,
+            "inflight": 0,
+            "requests": 0,
+            "by_function": {},
+            "by_outcome": {},
+            "latency": {"p50_ms": None, "p90_ms": None, "p99_ms": None, "max_ms": None},
+        },
+        "pool": {"addresses": ["tcp:10.0.0.2:12345", "tcp:10.0.0.3:12345"]},
+    }
+    text = format_status(document)
+    assert "Pool     remote: tcp:10.0.0.2:12345, tcp:10.0.0.3:12345" in text
+    assert "latency p50 -  p99 -" in text
+    assert "worker" not in text
+    assert "Errors by outcome: none" in text
+    assert "Requests by function (top 10): none" in text
+
+
+class FakeGateway:
+    """Stands in for fetch_status: answers from a list of documents, or fails."""
+
+    def __init__(self, *answers: dict[str, Any] | GatewayUnreachable) -> None:
+        self.answers = list(answers)
+        self.asked: list[tuple[str, str | None]] = []
+
+    def __call__(self, url: str, token: str | None) -> dict[str, Any]:
+        self.asked.append((url, token))
+        answer = self.answers.pop(0)
+        if isinstance(answer, GatewayUnreachable):
+            raise answer
+        return answer
+
+
+def test_run_status_once() -> None:
+    """Without ``--watch``, the table prints once, unadorned, and the command exits 0."""
+    fetch, out, err, slept = FakeGateway(SAMPLE_STATUS), io.StringIO(), io.StringIO(), []
+    options = status_options("--gateway", "http://gw:1", "--token", "s3cret")
+    assert run_status(options, out, err, fetch, slept.append) == 0
+    assert out.getvalue() == format_status(SAMPLE_STATUS, "http://gw:1")
+    assert fetch.asked == [("http://gw:1", "s3cret")]
+    assert slept == []
+    assert err.getvalue() == ""
+
+
+def test_run_status_watch_redraws() -> None:
+    """``--watch 2 --count 2`` clears and draws twice, sleeping 2 s between, then exits 0."""
+    second = orjson.loads(orjson.dumps(SAMPLE_STATUS))
+    second["gateway"]["requests"] = 5678
+    fetch, out, err, slept = FakeGateway(SAMPLE_STATUS, second), io.StringIO(), io.StringIO(), []
+    options = status_options("--watch", "2", "--count", "2")
+    assert run_status(options, out, err, fetch, slept.append) == 0
+    screens = out.getvalue().split(CLEAR_SCREEN)
+    assert screens[0] == ""
+    assert len(screens) == 3
+    assert "requests 1234" in screens[1]
+    assert "requests 5678" in screens[2]
+    assert "Every 2 s; Ctrl-C to stop." in screens[2]
+    assert slept == [2.0]
+    assert len(fetch.asked) == 2
+
+
+def test_run_status_unreachable() -> None:
+    """An unreachable gateway prints why on stderr, nothing on stdout, and exits 2."""
+    fetch = FakeGateway(GatewayUnreachable("cannot reach http://gw:1/status: refused"))
+    out, err = io.StringIO(), io.StringIO()
+    assert run_status(status_options(), out, err, fetch, lambda s: None) == EXIT_UNREACHABLE == 2
+    assert out.getvalue() == ""
+    assert err.getvalue() == "taskoffload status: cannot reach http://gw:1/status: refused\n"
+
+
+def test_run_status_watch_stops_when_gateway_goes() -> None:
+    """A watch whose gateway stops answering ends with status 2 after the screens it drew."""
+    fetch = FakeGateway(SAMPLE_STATUS, GatewayUnreachable("gone"))
+    out, err = io.StringIO(), io.StringIO()
+    assert run_status(status_options("--watch"), out, err, fetch, lambda s: None) == 2
+    assert out.getvalue().count(CLEAR_SCREEN) == 1
+    assert "gone" in err.getvalue()

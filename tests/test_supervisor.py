@@ -517,3 +517,20 @@ def test_deadline_cleared_when_task_returns(monkeypatch: pytest.MonkeyPatch) -> 
     pool.event("deadline", index=0, pid=301, kill_at=None)
     pool.reactor.advance(10.0)
     assert killed == []
+
+
+def test_worker_stats_in_status_and_kept_across_restarts() -> None:
+    """Workers' reported task counts and memory show in status; a slot's count
+    survives its process."""
+    pool = Pool(count=1)
+    pool.start_worker(0, 400)
+    pool.event("stats", index=0, pid=400, tasks_done=7, rss_mib=12.5)
+    [worker] = pool.status()["workers"]
+    assert (worker["tasks_done"], worker["rss_mib"]) == (7, 12.5)
+    pool.reactor.advance(2.0)
+    pool.event("stopped", index=0, pid=400, tasks_done=9)
+    pool.event("exited", index=0, pid=400, code=0)
+    pool.start_worker(0, 401)
+    pool.event("stats", index=0, pid=401, tasks_done=1, rss_mib=11.0)
+    [worker] = pool.status()["workers"]
+    assert (worker["tasks_done"], worker["rss_mib"]) == (10, 11.0)
