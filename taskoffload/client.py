@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
 import attrs
-from twisted.internet import defer
+from twisted.internet import defer, error
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, ITCPTransport
 from twisted.internet.protocol import ClientCreator, connectionDone
@@ -43,6 +43,10 @@ DEFAULT_POOL: Final = "tcp:127.0.0.1:12345"
 
 #: Seconds an address is skipped after a connection attempt to it failed.
 CONNECT_BACKOFF: Final = 1.0
+
+#: Connections in a row that an address may close before a worker takes them and
+#: still be tried again at once; then it backs off like a refusing one.
+EARLY_CLOSE_RETRIES: Final = 8
 
 #: Connection attempts made to a pool before it has said how many task slots it has.
 FIRST_CONNECTS: Final = 16
@@ -215,7 +219,16 @@ class _Call:
 class _Target:
     """One pool address and the client's load on it."""
 
-    __slots__ = ("address", "busy", "connecting", "down_until", "error", "retry", "slots")
+    __slots__ = (
+        "address",
+        "busy",
+        "connecting",
+        "down_until",
+        "early_closes",
+        "error",
+        "retry",
+        "slots",
+    )
 
     def __init__(self, address: PoolAddress) -> None:
         self.address = address
@@ -231,6 +244,8 @@ class _Target:
         self.retry: frozenset[str] = frozenset()
         #: Tasks the pool runs at once (workers x concurrency), once it has said.
         self.slots: int | None = None
+        #: Connections in a row closed before a worker took them.
+        self.early_closes = 0
 
     def __str__(self) -> str:
         return str(self.address)
@@ -714,6 +729,7 @@ class TaskClient:
             return
         target.down_until = 0.0
         target.error = None
+        target.early_closes = 0
         self._connections.add(connection)
         if not self._queued:
             # Accepted after the calls it was opened for went elsewhere: holding
@@ -733,6 +749,16 @@ class TaskClient:
         if self._closed:
             self._check_closed()
             return
+        if reason.check(error.ConnectionDone, error.ConnectionLost):
+            # Connected, then closed before a worker took the connection: a
+            # balancer in front of a pool that is stopping, or a stopping pool's
+            # accept queue.  Nothing was sent on it: try a fresh connection at
+            # once, unless the address keeps doing it.
+            target.early_closes += 1
+            if target.early_closes <= EARLY_CLOSE_RETRIES:
+                self._dispatch()
+                return
+        target.early_closes = 0
         target.down_until = self._reactor.seconds() + CONNECT_BACKOFF
         target.error = reason.getErrorMessage()
         self.log.warn(

@@ -1613,6 +1613,8 @@ def _expected_worker(payload: bytes) -> list[dict[str, Any]] | None:
         return []
     if isinstance(message, wire.Session):
         return [{"session": ANY}]
+    if isinstance(message, wire.Auth):
+        return []  # no challenge was sent: the answer is ignored
     if message.function in _SLOW_TASKS:
         return None
     if message.batch is not None:
@@ -1628,7 +1630,7 @@ def _expected_gateway(payload: bytes) -> list[dict[str, Any]] | None:
         return [_error(e.code, e.request_id)]
     if isinstance(message, wire.Cancel):
         return []
-    if isinstance(message, wire.Session):
+    if isinstance(message, (wire.Session, wire.Auth)):
         return [_error(wire.BAD_REQUEST)]
     if message.function in _SLOW_TASKS:
         return None

@@ -9,11 +9,13 @@ Every path ends in exactly one final reply per request: Autobahn ignores what
 
 from __future__ import annotations
 
+import hmac
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
@@ -23,7 +25,13 @@ from zope.interface import implementer
 from taskoffload import wire
 from taskoffload.client import ITaskPool, TaskError
 
-__all__ = ["GatewayFactory", "GatewayLimits", "GatewayProtocol", "GatewayStats"]
+__all__ = [
+    "GatewayAccess",
+    "GatewayFactory",
+    "GatewayLimits",
+    "GatewayProtocol",
+    "GatewayStats",
+]
 
 _log = Logger(namespace="taskoffload.gateway")
 
@@ -50,6 +58,79 @@ class GatewayLimits:
         self.max_inflight_per_client = max_inflight_per_client
         self.max_pending = max_pending
         self.max_message = max_message
+
+
+class GatewayAccess:
+    """
+    Who may use the gateway.
+
+    :param token: when given, every WebSocket handshake and every ``/status`` and
+        ``/metrics`` request must present it, as ``Authorization: Bearer TOKEN`` or
+        as the query parameter ``token``.
+    :param allowed_origins: when given, a WebSocket handshake whose ``Origin``
+        header (sent by browsers) is not one of these is refused; a handshake with
+        no ``Origin`` (not a browser) is allowed.
+    """
+
+    def __init__(self, token: str | None = None, allowed_origins: Iterable[str] = ()) -> None:
+        self._token = token.encode("utf-8") if token else None
+        self.allowed_origins = frozenset(_origin(o) for o in allowed_origins)
+
+    @property
+    def token_required(self) -> bool:
+        """Whether a token must be presented."""
+        return self._token is not None
+
+    def presents_token(self, authorization: bytes | None, query_tokens: Sequence[bytes]) -> bool:
+        """
+        :param authorization: the ``Authorization`` header, if any.
+        :param query_tokens: the values of the query parameter ``token``.
+        :return: whether the request may pass: no token is required, or one of
+            those it presents is the token.
+        """
+        if self._token is None:
+            return True
+        presented = list(query_tokens)
+        if authorization is not None:
+            scheme, _, credentials = authorization.strip().partition(b" ")
+            if scheme.lower() == b"bearer":
+                presented.append(credentials.strip())
+        # Compare every candidate in constant time; no early exit on a match.
+        matches = [hmac.compare_digest(candidate, self._token) for candidate in presented]
+        return any(matches)
+
+    def origin_allowed(self, origin: str | None) -> bool:
+        """:return: whether a handshake with this ``Origin`` header (or none) may pass."""
+        if origin is None or not self.allowed_origins:
+            return True
+        return _origin(origin) in self.allowed_origins
+
+    def refusal(
+        self, headers: Mapping[str, str], params: Mapping[str, Sequence[str]]
+    ) -> tuple[int, str] | None:
+        """
+        :param headers: a WebSocket handshake's headers, names in lower case
+            (as Autobahn gives them).
+        :param params: its query parameters, each a list of values.
+        :return: ``(HTTP status, reason)`` if the handshake is to be refused, else
+            ``None``. The reason never quotes the credentials presented.
+        """
+        if not self.origin_allowed(headers.get("origin")):
+            return 403, "origin not allowed"
+        authorization = headers.get("authorization")
+        if not self.presents_token(
+            # Autobahn decodes headers as ISO-8859-1 and the query as UTF-8.
+            authorization.encode("latin-1") if authorization is not None else None,
+            [value.encode("utf-8") for value in params.get("token", ())],
+        ):
+            return 401, "a valid token is required"
+        return None
+
+
+def _origin(origin: str) -> str:
+    # Browsers send scheme://host[:port] in lower case; be lenient with the
+    # configured ones.
+    return origin.strip().rstrip("/").lower()
 
 
 class GatewayStats:
@@ -188,6 +269,12 @@ class GatewayProtocol(WebSocketServerProtocol):
 
     factory: GatewayFactory
 
+    def onConnect(self, request: ConnectionRequest) -> None:
+        refusal = self.factory.access.refusal(request.headers, request.params)
+        if refusal is not None:
+            code, reason = refusal
+            raise ConnectionDeny(code, reason)
+
     def onOpen(self) -> None:
         # Calls not yet handed to the pool, and how many are: see _admit.
         self._waiting: deque[_Ticket] = deque()
@@ -239,9 +326,11 @@ class GatewayProtocol(WebSocketServerProtocol):
                 for d in list(pending.deferreds):
                     d.cancel()
             return
-        if isinstance(message, wire.Session):
+        if isinstance(message, (wire.Session, wire.Auth)):
             self._reply_now(
-                wire.ErrorReply(None, wire.BAD_REQUEST, "session options are for the worker port")
+                wire.ErrorReply(
+                    None, wire.BAD_REQUEST, "session and auth lines are for the worker port"
+                )
             )
             return
         if message.id is not None and message.id in self._by_id:
@@ -525,6 +614,7 @@ class GatewayFactory(WebSocketServerFactory):
     :param limits: the gateway's bounds.
     :param stats: the counters ``/status`` and ``/metrics`` read.
     :param auto_ping: seconds between pings; a peer silent for as long again is dropped.
+    :param access: who may connect; by default anyone.
     """
 
     protocol = GatewayProtocol  # type: ignore[assignment]  # Autobahn's factories take a protocol class
@@ -537,9 +627,11 @@ class GatewayFactory(WebSocketServerFactory):
         stats: GatewayStats | None = None,
         auto_ping: float = 30.0,
         url: str | None = None,
+        access: GatewayAccess | None = None,
     ) -> None:
         super().__init__(url)
         self.pool = pool
+        self.access = access or GatewayAccess()
         if clock is None:
             from twisted.internet import reactor as clock
         self.clock = clock

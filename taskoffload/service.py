@@ -14,7 +14,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
 from taskoffload.client import TaskClient
-from taskoffload.gateway import GatewayFactory, GatewayLimits, GatewayStats
+from taskoffload.gateway import GatewayAccess, GatewayFactory, GatewayLimits, GatewayStats
 from taskoffload.supervisor import WorkerPoolService
 from taskoffload.web import GatewayMetrics, make_site, status_document
 
@@ -48,6 +48,7 @@ class GatewayService(Service):
     :param pool_addresses: the pools to use (role gateway).
     :param pool_service: the pool in this process (role all): its address is
         used, and its state shown in ``/status``.
+    :param access: who may use the site; by default anyone.
     """
 
     def __init__(
@@ -59,13 +60,17 @@ class GatewayService(Service):
         auto_ping: float = 30.0,
         stop_timeout: float = 30.0,
         reactor: Any = None,
+        access: GatewayAccess | None = None,
+        secret: bytes | None = None,
     ) -> None:
+        self.secret = secret
         self.stop_timeout = stop_timeout
         self.listen = listen
         self.pool_addresses = list(pool_addresses)
         self.pool_service = pool_service
         self.limits = limits or GatewayLimits()
         self.auto_ping = auto_ping
+        self.access = access or GatewayAccess()
         self._reactor = reactor
         self.client: TaskClient | None = None
         self.port: IListeningPort | None = None
@@ -97,11 +102,16 @@ class GatewayService(Service):
 
     def startService(self) -> None:
         super().startService()
-        self.client = TaskClient(self.reactor, self._addresses())
+        self.client = TaskClient(self.reactor, self._addresses(), secret=self.secret)
         metrics = GatewayMetrics(lambda: self.status())
         self.stats = GatewayStats(on_finished=metrics.finished)
         factory = GatewayFactory(
-            self.client, self.reactor, self.limits, self.stats, auto_ping=self.auto_ping
+            self.client,
+            self.reactor,
+            self.limits,
+            self.stats,
+            auto_ping=self.auto_ping,
+            access=self.access,
         )
         site = make_site(factory, self.status, metrics)
         endpoint = serverFromString(self.reactor, self.listen)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -298,6 +299,7 @@ class WorkerPoolService(Service):
             if record.timer is not None and record.timer.active():
                 record.timer.cancel()
             record.timer = None
+        self._refuse_new_connections()
         alive = [r for r in self.workers.values() if r.pid is not None]
         if alive:
             _log.info("Stopping {count} workers", count=len(alive))
@@ -332,6 +334,19 @@ class WorkerPoolService(Service):
             if stopped is not None:
                 await stopped
         _log.info("Worker pool stopped")
+
+    def _refuse_new_connections(self) -> None:
+        """
+        Make the shared socket refuse connections from now on (the workers stop
+        accepting anyway): a balancer or client then goes to another pool at
+        once, instead of queueing where nobody will accept.
+        """
+        listening = getattr(self.port, "socket", None)
+        if listening is not None:
+            try:
+                listening.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass
 
     def _signal_workers(self, signum: int) -> None:
         for record in self.workers.values():

@@ -15,7 +15,7 @@ from taskoffload.client import PoolAddress
 from taskoffload.supervisor import PoolConfig, WorkerPoolService
 
 if TYPE_CHECKING:
-    from taskoffload.gateway import GatewayLimits
+    from taskoffload.gateway import GatewayAccess, GatewayLimits
 
 __all__ = ["Options", "makeService"]
 
@@ -57,6 +57,15 @@ class Options(usage.Options):
         "share one listening port; --role=gateway a WebSocket gateway to such pools; "
         "--role=all (the default) both in one process tree."
     )
+
+    optFlags: list[list[Any]] = [
+        [
+            "insecure",
+            None,
+            "Let workers listen beyond loopback without --secret-file: anyone who can "
+            "reach the port can run every registered task.",
+        ],
+    ]
 
     optParameters: list[list[Any]] = [
         ["role", None, "all", "worker, gateway or all."],
@@ -141,12 +150,29 @@ class Options(usage.Options):
             "Gateway: seconds between WebSocket pings; a peer silent as long again is dropped.",
             _positive_float,
         ],
+        [
+            "secret-file",
+            None,
+            None,
+            "A file holding the worker port's shared secret: every connection must answer "
+            "an HMAC challenge with it (workers), and the gateway answers with it.",
+        ],
+        [
+            "token-file",
+            None,
+            None,
+            "Gateway: a file holding the token WebSocket clients and /status, /metrics "
+            "readers must present (Authorization: Bearer TOKEN, or ?token=TOKEN).",
+        ],
     ]
 
     def __init__(self) -> None:
         super().__init__()
         self["tasks"] = []
         self["pool"] = []
+        self["allowed-origin"] = []
+        #: The token read from --token-file, if given.
+        self["token"] = None
 
     def opt_tasks(self, module: str) -> None:
         """Python module whose @task functions may run (repeatable; default: the examples)."""
@@ -155,6 +181,13 @@ class Options(usage.Options):
     def opt_pool(self, address: str) -> None:
         """Gateway: a worker pool's address, e.g. tcp:127.0.0.1:12345 (repeatable)."""
         self["pool"].append(address)
+
+    def opt_allowed_origin(self, origin: str) -> None:
+        """
+        Gateway: a browser origin allowed to open the WebSocket, e.g.
+        https://example.com (repeatable; default: any).
+        """
+        self["allowed-origin"].append(origin)
 
     def postOptions(self) -> None:
         if self["role"] not in ROLES:
@@ -194,6 +227,34 @@ class Options(usage.Options):
                     raise usage.UsageError(f"--pool {address!r}: {e}") from None
         elif self["pool"]:
             raise usage.UsageError("--pool is for --role=gateway; role all uses its own pool")
+        if self["role"] == "worker" and (self["token-file"] or self["allowed-origin"]):
+            raise usage.UsageError(
+                "--token-file and --allowed-origin are for the gateway (--role=gateway or all)"
+            )
+        if self["token-file"] is not None:
+            self["token"] = read_token(self["token-file"])
+        self["secret"] = None
+        if self["secret-file"] is not None:
+            self["secret"] = read_secret(self["secret-file"])
+        if (
+            self["role"] != "gateway"
+            and self["secret"] is None
+            and not self["insecure"]
+            and not is_loopback_endpoint(worker_listen)
+        ):
+            name = "listen" if self["role"] == "worker" else "pool-listen"
+            raise usage.UsageError(
+                f"--{name} {worker_listen!r} is reachable beyond this machine, and a worker "
+                "port runs any registered task for anyone who reaches it: give --secret-file "
+                "(an HMAC challenge guards each connection), or --insecure if a firewall "
+                "does, or listen on loopback (interface=127.0.0.1)"
+            )
+        for origin in self["allowed-origin"]:
+            if "://" not in origin:
+                raise usage.UsageError(
+                    f"--allowed-origin {origin!r}: expected an origin such as "
+                    "https://example.com or http://localhost:8080"
+                )
 
     def pool_config(self, listen: str) -> PoolConfig:
         """:return: the worker pool's configuration from these options."""
@@ -208,6 +269,7 @@ class Options(usage.Options):
             task_timeout=self["task-timeout"],
             max_tasks_per_child=self["max-tasks-per-child"],
             max_memory_per_child=self["max-memory-per-child"],
+            secret=self["secret"],
             env={
                 "TASKOFFLOAD_SMTP_HOST": self["smtp-host"],
                 "TASKOFFLOAD_SMTP_PORT": str(self["smtp-port"]),
@@ -223,6 +285,76 @@ class Options(usage.Options):
             max_pending=self["max-pending"],
             max_message=self["max-message"],
         )
+
+    def gateway_access(self) -> GatewayAccess:
+        """:return: who may use the gateway, from these options."""
+        from taskoffload.gateway import GatewayAccess
+
+        return GatewayAccess(token=self["token"], allowed_origins=self["allowed-origin"])
+
+
+def is_loopback_endpoint(description: str) -> bool:
+    """
+    :return: whether a ``tcp:``/``tcp6:``/``unix:`` server endpoint string listens
+        on this machine only (``unix:``, or an ``interface`` on loopback).
+    """
+    import ipaddress
+    import re
+
+    kind, _, rest = description.partition(":")
+    if kind == "unix":
+        return True
+    interface = ""
+    # Endpoint strings escape the colons of IPv6 addresses with backslashes.
+    for part in re.split(r"(?<!\\):", rest):
+        if part.startswith("interface="):
+            interface = part[len("interface=") :].replace("\\:", ":").strip("[]")
+    if interface in ("localhost",):
+        return True
+    try:
+        return ipaddress.ip_address(interface).is_loopback
+    except ValueError:
+        return False  # "" (every interface) or a name we cannot judge
+
+
+def read_secret(path: str) -> bytes:
+    """
+    :return: the shared secret in the file at ``path``, without surrounding whitespace.
+    :raise usage.UsageError: if it cannot be read or is shorter than 16 bytes.
+    """
+    try:
+        with open(path, "rb") as f:
+            secret = f.read().strip()
+    except OSError as e:
+        raise usage.UsageError(f"--secret-file {path!r}: cannot read it: {e}") from None
+    if len(secret) < 16:
+        raise usage.UsageError(
+            f"--secret-file {path!r} holds {len(secret)} bytes; use at least 16, e.g. "
+            f"python3 -c 'import secrets; print(secrets.token_urlsafe(32))' > {path}"
+        )
+    return secret
+
+
+def read_token(path: str) -> str:
+    """
+    :return: the token in the file at ``path``, without surrounding whitespace.
+    :raise usage.UsageError: if it cannot be read or holds no token.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise usage.UsageError(f"--token-file {path!r}: cannot read it: {e}") from None
+    if not token:
+        raise usage.UsageError(
+            f"--token-file {path!r} is empty: put the token in it, e.g. with "
+            f"python3 -c 'import secrets; print(secrets.token_urlsafe(32))' > {path}"
+        )
+    if any(c.isspace() for c in token):
+        raise usage.UsageError(
+            f"--token-file {path!r}: the token is one word; it holds whitespace inside"
+        )
+    return token
 
 
 def raise_open_files_limit() -> tuple[int, int]:
@@ -269,5 +401,7 @@ def makeService(options: Options) -> IService:
         limits=options.gateway_limits(),
         auto_ping=options["auto-ping"],
         stop_timeout=options["stop-timeout"],
+        access=options.gateway_access(),
+        secret=options["secret"],
     ).setServiceParent(top)
     return top

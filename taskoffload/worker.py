@@ -681,6 +681,10 @@ class SharedSocketAcceptor:
                 return
             if e.errno == errno.ECONNABORTED:
                 return
+            if e.errno == errno.EINVAL:
+                # The supervisor shut the socket down: the pool is stopping.
+                self.pause()
+                return
             raise
         try:
             connection.setblocking(False)

@@ -135,7 +135,7 @@ def test_bad_pool_listen_rejected() -> None:
 @pytest.mark.parametrize("listen", ["tcp:9000", "tcp6:9000", "unix:/run/taskoffload.sock"])
 def test_endpoint_kinds_accepted(listen: str) -> None:
     """tcp, tcp6 and unix listen addresses are accepted as given."""
-    assert parse("--role=worker", f"--listen={listen}")["listen"] == listen
+    assert parse("--role=worker", "--insecure", f"--listen={listen}")["listen"] == listen
 
 
 def test_unknown_option_rejected() -> None:
@@ -224,3 +224,34 @@ def test_recycling_options() -> None:
         300,
         7.0,
     )
+
+
+@pytest.mark.parametrize(
+    "listen",
+    ["tcp:9000", "tcp:9000:interface=0.0.0.0", "tcp6:9000", "tcp:9000:interface=192.0.2.1"],
+)
+def test_worker_port_beyond_loopback_needs_secret_or_insecure(listen: str, tmp_path) -> None:
+    """Workers refuse a non-loopback interface without --secret-file or --insecure."""
+    with pytest.raises(usage.UsageError, match="--secret-file"):
+        parse("--role=worker", f"--listen={listen}")
+    assert parse("--role=worker", "--insecure", f"--listen={listen}")["listen"] == listen
+    secret = tmp_path / "secret"
+    secret.write_text("0123456789abcdef0123\n")
+    options = parse("--role=worker", f"--secret-file={secret}", f"--listen={listen}")
+    assert options.pool_config(listen).secret == b"0123456789abcdef0123"
+
+
+@pytest.mark.parametrize(
+    "listen", ["tcp:9000:interface=127.0.0.1", "tcp6:9000:interface=\\:\\:1", "unix:/p.sock"]
+)
+def test_loopback_worker_port_needs_no_secret(listen: str) -> None:
+    """Loopback and UNIX-socket worker ports need no secret."""
+    assert parse("--role=worker", f"--listen={listen}")["listen"] == listen
+
+
+def test_short_secret_refused(tmp_path) -> None:
+    """A secret shorter than 16 bytes is refused with a way to make one."""
+    secret = tmp_path / "secret"
+    secret.write_text("short")
+    with pytest.raises(usage.UsageError, match="at least 16"):
+        parse("--role=worker", f"--secret-file={secret}")

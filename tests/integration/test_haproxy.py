@@ -1,0 +1,275 @@
+"""
+Real HAProxy (Debian's ``haproxy``) in front of two worker pools, driven through
+a gateway over WebSocket, as ``docs/operations.rst`` describes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Twistd, free_port, wait_for
+from websockets.asyncio.client import connect
+
+
+def _ports(count: int) -> list[int]:
+    """``count`` different free ports."""
+    ports: list[int] = []
+    while len(ports) < count:
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
+def haproxy_config(port: int, pools: dict[str, int], stats: Path) -> str:
+    """A TCP load balancer on ``port`` over the worker pools named in ``pools``."""
+    servers = "\n".join(
+        f"    server {name} 127.0.0.1:{pool_port} check inter 200ms fall 1 rise 1"
+        for name, pool_port in pools.items()
+    )
+    return f"""\
+global
+    maxconn 4096
+    stats socket {stats} mode 600 level admin
+    log stdout format raw local0
+
+defaults
+    mode tcp
+    log global
+    option tcplog
+    timeout connect 1s
+    timeout client 60s
+    timeout server 60s
+    timeout check 500ms
+    retries 3
+    option redispatch
+
+frontend pools
+    bind 127.0.0.1:{port}
+    default_backend workers
+
+backend workers
+    balance leastconn
+    option tcp-check
+{servers}
+"""
+
+
+class HAProxy:
+    """One ``haproxy -db`` process in a session of its own."""
+
+    def __init__(self, directory: Path, port: int, pools: dict[str, int]) -> None:
+        self.port = port
+        self.stats = directory / "haproxy.sock"
+        self.config = directory / "haproxy.cfg"
+        self.config.write_text(haproxy_config(port, pools, self.stats))
+        self.log_path = directory / "haproxy.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, executable: str) -> HAProxy:
+        check = subprocess.run(
+            [executable, "-c", "-f", str(self.config)], capture_output=True, text=True
+        )
+        assert check.returncode == 0, (
+            f"haproxy rejects {self.config}:\n{check.stdout}{check.stderr}"
+        )
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                [executable, "-db", "-f", str(self.config)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def command(self, line: str) -> str:
+        """:return: the stats socket's answer to ``line``."""
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(2)
+            s.connect(str(self.stats))
+            s.sendall(line.encode() + b"\n")
+            chunks = []
+            while chunk := s.recv(65536):
+                chunks.append(chunk)
+        return b"".join(chunks).decode()
+
+    def server_status(self) -> dict[str, str]:
+        """``UP``, ``DOWN``... of each server of the ``workers`` backend."""
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(f"haproxy exited with {self.process.returncode}:\n{self.log()}")
+        try:
+            rows = self.command("show stat").splitlines()
+        except OSError:
+            return {}  # not listening yet
+        header = rows[0].lstrip("# ").split(",")
+        found = {}
+        for row in rows[1:]:
+            record = dict(zip(header, row.split(","), strict=False))
+            if record.get("pxname") == "workers" and record["svname"] not in ("BACKEND", ""):
+                found[record["svname"]] = record["status"]
+        return found
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=5)
+
+
+@pytest.fixture
+def haproxy(tmp_path: Path) -> Iterator[Any]:
+    """Start HAProxy over given pools; it is ended, with its process group, on teardown."""
+    executable = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin:/sbin")
+    if executable is None:
+        pytest.fail(
+            "haproxy is not installed: this test runs the real one "
+            "(apt-get install haproxy; .ci/run installs it)",
+            pytrace=False,
+        )
+    started: list[HAProxy] = []
+
+    def start(port: int, pools: dict[str, int]) -> HAProxy:
+        proxy = HAProxy(tmp_path, port, pools)
+        started.append(proxy)
+        return proxy.start(executable)
+
+    yield start
+    for proxy in started:
+        proxy.stop()
+
+
+def start_pool(start, port: int, count: int) -> Twistd:
+    """A worker pool alone on ``port``, serving."""
+    tree = start("--role=worker", f"--count={count}", "--listen", f"tcp:{port}:interface=127.0.0.1")
+    tree.wait_for_log(f"All {count} workers serving")
+    return tree
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("drain_first", [True, False], ids=["drained-then-stopped", "stopped"])
+def test_stopping_one_of_two_pools_behind_haproxy_leaves_no_request_unanswered(
+    twistd_trees, haproxy, drain_first
+):
+    """Load through gateway, HAProxy and two pools; one pool stops mid-run: one reply each."""
+    port_a, port_b, proxy_port, gateway_port = _ports(4)
+    pool_a = start_pool(twistd_trees, port_a, 2)
+    pool_b = start_pool(twistd_trees, port_b, 2)
+    workers_a, workers_b = pool_a.worker_pids(), pool_b.worker_pids()
+    proxy = haproxy(proxy_port, {"a": port_a, "b": port_b})
+    wait_for(
+        lambda: proxy.server_status() == {"a": "UP", "b": "UP"}, 10, what="both pools UP in haproxy"
+    )
+    gateway = twistd_trees(
+        "--role=gateway",
+        "--pool",
+        f"tcp:127.0.0.1:{proxy_port}",
+        "--listen",
+        f"tcp:{gateway_port}:interface=127.0.0.1",
+    )
+    gateway.wait_for_log("Gateway listening on")
+
+    sent: list[tuple[int, int]] = []
+    replies: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    marks: dict[str, float] = {}
+
+    async def client(c: int, stop: asyncio.Event) -> None:
+        requests = itertools.cycle(
+            [{"function": "whoami", "args": {"delay": 0.005}}, {"function": "noop"}]
+        )
+        async with connect(
+            f"ws://127.0.0.1:{gateway_port}/ws", proxy=None, compression=None, open_timeout=10
+        ) as ws:
+            for i in itertools.count():
+                if stop.is_set():
+                    break
+                key = (c, i)
+                sent.append(key)
+                replies[key] = []
+                await ws.send(json.dumps({**next(requests), "id": i}))
+                # One request in flight per client: the next is sent after its reply.
+                while True:
+                    message = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                    if "progress" in message:
+                        continue
+                    replies[(c, message["id"])].append(message | {"at": time.monotonic()})
+                    if message["id"] == i:
+                        break
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        loads = [asyncio.create_task(client(c, stop)) for c in range(10)]
+        start = time.monotonic()
+        await asyncio.sleep(1.5)
+        marks["stop"] = time.monotonic()
+        if drain_first:
+            # The documented procedure: no new connections to A, then stop it.
+            proxy.command("set server workers/a state maint")
+            while proxy.server_status()["a"] != "MAINT":
+                await asyncio.sleep(0.02)
+        os.killpg(pool_a.pid, signal.SIGTERM)
+        while pool_a.process.poll() is None and time.monotonic() - marks["stop"] < 15:
+            await asyncio.sleep(0.02)
+        marks["exited"] = time.monotonic()
+        await asyncio.sleep(max(1.5, 4.0 - (time.monotonic() - start)))
+        stop.set()
+        await asyncio.gather(*loads)
+
+    asyncio.run(asyncio.wait_for(scenario(), 40))
+
+    final = [r for rs in replies.values() for r in rs]
+    errors = [r for r in final if "error" in r]
+    outcomes = Counter(r["error"]["code"] if "error" in r else "ok" for r in final)
+    print(
+        f"\n{len(sent)} requests through haproxy, {len(final)} replies, {outcomes}; "
+        f"pool A exited {marks['exited'] - marks['stop']:.2f} s after SIGTERM; "
+        f"haproxy sees {proxy.server_status()}"
+    )
+    for error in errors[:5]:
+        print("error:", error)
+    unanswered = [k for k in sent if len(replies[k]) != 1]
+    assert unanswered == [], f"requests without exactly one reply: {unanswered[:10]}"
+    assert pool_a.process.returncode == 0, pool_a.log()
+    # Drained or not, nothing is lost: a stopping pool refuses new connections at
+    # once (HAProxy redispatches them), and a connection closed before a worker
+    # took it is retried by the gateway's client (see docs/operations.rst).
+    assert errors == [], f"{len(errors)} errors, e.g. {errors[:3]}\n{proxy.log()[-3000:]}"
+
+    pids_before = {
+        r["result"]["pid"]
+        for r in final
+        if r["at"] < marks["stop"] and isinstance(r.get("result"), dict)
+    }
+    assert pids_before & workers_a, "pool A served nothing before its stop"
+    assert pids_before & workers_b, "pool B served nothing before A's stop"
+    pids_after = {
+        r["result"]["pid"]
+        for r in final
+        if r["at"] > marks["exited"] and isinstance(r.get("result"), dict)
+    }
+    assert pids_after and pids_after <= workers_b
+    assert proxy.server_status()["a"] == ("MAINT" if drain_first else "DOWN")
