@@ -120,15 +120,17 @@ class TaskServerProtocol(LineReceiver):
 
     def _partial_timed_out(self) -> None:
         self._partial = None
+        self._refuse(
+            wire.BAD_REQUEST,
+            f"incomplete message: no newline within {self.factory.idle_timeout:g} s",
+        )
+
+    def _refuse(self, code: str, message: str) -> None:
+        """Send an id-less error, then close the connection; read nothing more."""
         if self._closing:
             return
         self._closing = True
-        reply = wire.ErrorReply(
-            id=None,
-            code=wire.BAD_REQUEST,
-            message=f"incomplete message: no newline within {self.factory.idle_timeout:g} s",
-        )
-        self._send(wire.encode_reply(reply))
+        self._send(wire.encode_reply(wire.ErrorReply(id=None, code=code, message=message)))
         self.transport.loseConnection()  # type: ignore[union-attr]  # connected
 
     def lineReceived(self, line: bytes) -> None:
@@ -204,10 +206,7 @@ class TaskServerProtocol(LineReceiver):
         self._next()
 
     def _unauthorized(self, why: str) -> None:
-        self._closing = True
-        reply = wire.ErrorReply(id=None, code=wire.UNAUTHORIZED, message=why)
-        self._send(wire.encode_reply(reply))
-        self.transport.loseConnection()  # type: ignore[union-attr]  # connected
+        self._refuse(wire.UNAUTHORIZED, why)
 
     def readConnectionLost(self) -> None:
         """
@@ -234,16 +233,7 @@ class TaskServerProtocol(LineReceiver):
 
     def lineLengthExceeded(self, line: bytes) -> None:
         """Answer an oversize line with ``bad_request``, then close the connection."""
-        if self._closing:
-            return
-        self._closing = True
-        reply = wire.ErrorReply(
-            id=None,
-            code=wire.BAD_REQUEST,
-            message=f"message longer than the limit of {self.MAX_LENGTH} bytes",
-        )
-        self._send(wire.encode_reply(reply))
-        self.transport.loseConnection()  # type: ignore[union-attr]  # connected
+        self._refuse(wire.BAD_REQUEST, f"message longer than the limit of {self.MAX_LENGTH} bytes")
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008  # Twisted's signature
         self._closing = True
