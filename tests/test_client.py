@@ -111,7 +111,6 @@ class Pool:
             worker = 1 + index % len(self.reactor.tcpClients)
         host, port, factory, *_ = self.reactor.tcpClients[index]
         protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
-        assert protocol is not None
         transport = TCPStringTransport()
         protocol.makeConnection(transport)
         # ClientCreator hands the protocol over on the next reactor turn.

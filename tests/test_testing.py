@@ -91,9 +91,7 @@ class RealHarness:
         """Complete the client's connection attempts and move bytes until quiet."""
         for _ in range(100):
             while self.reactor.tcpClients:
-                pump = self._completer.succeedOnce()
-                assert pump is not None
-                self._pumps.append(pump)
+                self._pumps.append(self._completer.succeedOnce())
             moved = [pump.flush() for pump in self._pumps]
             if not any(moved) and not self.reactor.tcpClients:
                 return
