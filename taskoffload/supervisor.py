@@ -140,7 +140,6 @@ class _ForkServerProtocol(ProcessProtocol):
         self.ended: Deferred[None] = Deferred()
         #: Write end of this fork server's lifeline, closed when it has ended.
         self.lifeline: int | None = None
-        self.ready = False
         self.started = 0.0
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
@@ -429,8 +428,6 @@ class WorkerPoolService(Service):
         )
 
     def _on_ready(self, event: dict[str, Any], source: _ForkServerProtocol | None = None) -> None:
-        if source is not None:
-            source.ready = True
         if source is not None and source is self._next_fork_server:
             # The fresh code imported: replace the workers one slot at a time.
             self._next_fork_server = None

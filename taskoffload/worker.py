@@ -33,19 +33,14 @@ from taskoffload.registry import PROGRESS_PARAMETER, TaskRegistry
 
 __all__ = ["SharedSocketAcceptor", "TaskServerFactory", "TaskServerProtocol"]
 
-#: Seconds a freshly accepted connection counts as busy while its first request is
-#: on its way, so that a burst of connections spreads over idle workers.
+#: Seconds a TaskClient connection counts as busy after its session line while its
+#: first request is on its way, so that a burst of connections spreads over idle workers.
 RESERVATION_SECONDS = 1.0
 
 #: Seconds a new connection counts as busy before its first byte: long enough
 #: for a client that sends at once, short enough that silent connections cannot
 #: stall accepting.
 FIRST_BYTE_SECONDS = 0.05
-
-#: Seconds a TaskClient connection stays reserved after a reply: the client sends
-#: its next waiting call on it at once, and meanwhile this worker should not take
-#: a connection that an idle worker could.
-LINGER_SECONDS = 0.02
 
 
 class _Job:
@@ -298,8 +293,6 @@ class TaskServerProtocol(LineReceiver):
             )
         if not self._closing:
             self._send(wire.encode_reply(outcome))
-            if self._reject_when_busy and self._reservation is None and not self._queue:
-                self._reservation = self.factory.clock.callLater(LINGER_SECONDS, self._release)
         self.factory.state_changed()
         self._next()
         self._close_if_done()
