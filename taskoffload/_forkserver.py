@@ -134,13 +134,21 @@ def main() -> NoReturn:
             )
 
     def fork(index: int) -> None:
+        # The fork server ignores SIGTERM, and a child inherits that until it
+        # resets it: a SIGTERM sent in between (a stop right after a fork) would
+        # be lost.  Blocked, it stays pending instead, even while ignored, and is
+        # delivered when the child unblocks it.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         pid = os.fork()
-        if pid == 0:
+        if pid != 0:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        else:
             try:
                 signal.set_wakeup_fd(-1)
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
                 os.close(wake_r)
                 os.close(wake_w)
                 devnull = os.open(os.devnull, os.O_RDONLY)

@@ -526,10 +526,6 @@ class WorkerPoolService(Service):
         if record is None:
             return
         record.serving = True
-        if self._stopping:
-            # Forked before the stop, and SIGTERMed as it forked: a child ignores
-            # the signal until it has set its handlers, so send it again.
-            os.kill(event["pid"], signal.SIGTERM)
         if self._reloading_slot == record.index:
             self._reload_next()
         if self._count_serving() == self.config.count:
