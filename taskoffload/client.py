@@ -226,6 +226,7 @@ class _Target:
         "down_until",
         "early_closes",
         "error",
+        "opened",
         "retry",
         "slots",
     )
@@ -246,6 +247,8 @@ class _Target:
         self.slots: int | None = None
         #: Connections in a row closed before a worker took them.
         self.early_closes = 0
+        #: Open connections to it (accepted by a worker, not yet forgotten).
+        self.opened = 0
 
     def __str__(self) -> str:
         return str(self.address)
@@ -686,8 +689,7 @@ class TaskClient:
         """
         if target.slots is None:
             return target.connecting >= FIRST_CONNECTS
-        opened = sum(1 for c in self._connections if c.target is target)
-        return opened + target.connecting >= target.slots
+        return target.opened + target.connecting >= target.slots
 
     def _connect(self, target: _Target) -> None:
         address = target.address
@@ -731,6 +733,7 @@ class TaskClient:
         target.error = None
         target.early_closes = 0
         self._connections.add(connection)
+        target.opened += 1
         if not self._queued:
             # Accepted after the calls it was opened for went elsewhere: holding
             # it idle would keep its worker reserved for nothing.
@@ -911,11 +914,17 @@ class TaskClient:
         elif not self._closed:
             self._dispatch()
 
-    def _retire(self, connection: TaskClientProtocol) -> None:
-        """Close a connection that has nothing in flight, and stop counting it."""
-        self._connections.discard(connection)
+    def _forget(self, connection: TaskClientProtocol) -> None:
+        """Stop counting a connection: it is closed or closing."""
+        if connection in self._connections:
+            self._connections.remove(connection)
+            connection.target.opened -= 1
         if connection in self._idle:
             self._idle.remove(connection)
+
+    def _retire(self, connection: TaskClientProtocol) -> None:
+        """Close a connection that has nothing in flight, and stop counting it."""
+        self._forget(connection)
         connection.close()
 
     def _bad_reply(self, connection: TaskClientProtocol, why: str) -> None:
@@ -935,7 +944,7 @@ class TaskClient:
                 connection.call = None
                 connection.target.busy -= 1
                 call.connection = None
-                self._connections.discard(connection)
+                self._forget(connection)
                 self._retry(call, connection, f"bad reply: {why}")
                 self._dispatch()
                 return
@@ -947,9 +956,7 @@ class TaskClient:
         if connection not in self._connections:
             # Never handed to us (lost while connecting), or already forgotten.
             return
-        self._connections.discard(connection)
-        if connection in self._idle:
-            self._idle.remove(connection)
+        self._forget(connection)
         if connection.worker is not None and not self._closed:
             # A lost connection most likely means a dead worker: its other, idle
             # connections are gone too, their loss not yet seen.  Drop them before
