@@ -128,16 +128,42 @@ def twistd_command(*args: str) -> list[str]:
     ]
 
 
+def read_text(path: str) -> str | None:
+    """A file's text, or ``None`` if it cannot be read (a process that is gone)."""
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _state(pid: int) -> str | None:
+    """The process's state letter (``Z`` for a zombie), or ``None`` if it is gone."""
+    stat = read_text(f"/proc/{pid}/stat")
+    if stat is None:
+        return None
+    return stat[stat.rindex(")") + 2]
+
+
+def children(pid: int) -> list[int]:
+    """The live (not zombie) children of ``pid``."""
+    text = read_text(f"/proc/{pid}/task/{pid}/children")
+    if text is None:
+        return []
+    return [c for c in map(int, text.split()) if _state(c) not in (None, "Z")]
+
+
 def group_pids(pgid: int) -> list[int]:
-    """Every process in process group ``pgid``."""
+    """The live (not zombie) processes of process group ``pgid``."""
     found = []
     for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.getpgid(int(entry)) == pgid:
-                    found.append(int(entry))
-            except ProcessLookupError:
-                continue
+        if not entry.isdigit():
+            continue
+        try:
+            if os.getpgid(int(entry)) == pgid and _state(int(entry)) not in (None, "Z"):
+                found.append(int(entry))
+        except ProcessLookupError:
+            continue
     return found
 
 

@@ -50,7 +50,6 @@ import json
 import os
 import random
 import re
-import resource
 import signal
 import socket
 import statistics
@@ -65,6 +64,8 @@ from pathlib import Path
 from typing import Any
 
 from taskoffload import wire
+from taskoffload.bench import children, group_pids, read_text, twistd_command
+from taskoffload.tap import raise_open_files_limit
 
 __all__ = [
     "ANY",
@@ -118,59 +119,6 @@ def free_ports(count: int) -> list[int]:
             s.close()
 
 
-def _read(path: str) -> str | None:
-    try:
-        with open(path) as f:
-            return f.read()
-    except OSError:
-        return None
-
-
-def _state(pid: int) -> str | None:
-    """The process's state letter (``Z`` for a zombie), or ``None`` if it is gone."""
-    stat = _read(f"/proc/{pid}/stat")
-    if stat is None:
-        return None
-    return stat[stat.rindex(")") + 2]
-
-
-def _children(pid: int) -> list[int]:
-    """The live (not zombie) children of ``pid``."""
-    text = _read(f"/proc/{pid}/task/{pid}/children")
-    if text is None:
-        return []
-    return [c for c in map(int, text.split()) if _state(c) not in (None, "Z")]
-
-
-def group_pids(pgid: int) -> list[int]:
-    """The live (not zombie) processes of process group ``pgid``."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            if os.getpgid(int(entry)) == pgid and _state(int(entry)) not in (None, "Z"):
-                found.append(int(entry))
-        except ProcessLookupError:
-            continue
-    return found
-
-
-def _twistd_command(args: Sequence[str]) -> list[str]:
-    twistd = Path(sys.executable).with_name("twistd")
-    if twistd.exists():
-        return [str(twistd), "-n", "--pidfile=", "taskoffload", *args]
-    return [
-        sys.executable,
-        "-c",
-        "from twisted.scripts.twistd import run; run()",
-        "-n",
-        "--pidfile=",
-        "taskoffload",
-        *args,
-    ]
-
-
 class Tree:
     """
     One ``twistd -n taskoffload`` process tree, in a session of its own.
@@ -185,7 +133,7 @@ class Tree:
         self.log_path = directory / f"{name}.log"
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
-                _twistd_command(self.args),
+                twistd_command(*self.args),
                 cwd=directory,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -218,7 +166,7 @@ class Tree:
 
     def worker_pids(self) -> set[int]:
         """The live worker processes (the fork servers' children)."""
-        return {pid for server in _children(self.pid) for pid in _children(server)}
+        return {pid for server in children(self.pid) for pid in children(server)}
 
     def group(self) -> list[int]:
         """The live processes of the tree's process group."""
@@ -328,16 +276,6 @@ def _trees(directory: str | Path | None, scenario: str) -> Iterator[_Trees]:
             yield trees
         finally:
             trees.stop()
-
-
-def raise_open_files_limit() -> int:
-    """Raise this process's soft open-files limit to the hard one. :return: the soft limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-    return soft
 
 
 # Small helpers
@@ -2090,7 +2028,7 @@ def idle_websockets(
         ``noop_max_ms``; ``dropped`` (idle connections the gateway closed);
         ``gateway_rss_mib`` while they are open; ``clients_after_close``.
     """
-    limit = raise_open_files_limit()
+    limit, _ = raise_open_files_limit()
     if limit < n + 200:
         raise FaultSetupError(f"{n} connections need more than the open-files limit of {limit}")
     with _trees(directory, "idle_websockets") as trees:
@@ -2159,7 +2097,7 @@ async def _idle_websockets(
 
 
 def _rss_mib(pid: int) -> float | None:
-    text = _read(f"/proc/{pid}/status") or ""
+    text = read_text(f"/proc/{pid}/status") or ""
     for line in text.splitlines():
         if line.startswith("VmRSS:"):
             return round(int(line.split()[1]) / 1024, 1)
