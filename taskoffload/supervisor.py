@@ -448,6 +448,10 @@ class WorkerPoolService(Service):
             _log.error("Reload aborted, the workers keep the old code: {text}", text=text)
             return
         _log.error("The worker pool cannot start: {text}", text=text)
+        if self.serving_after is None and self.reactor.running:
+            # It never served: retrying would leave the port open with nobody to
+            # accept, and callers waiting in silence.  Stop, and say why (above).
+            self.reactor.stop()
 
     # Rolling reload
 

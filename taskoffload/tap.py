@@ -198,6 +198,12 @@ class Options(usage.Options):
             self["count"] = default_count()
         if not self["tasks"]:
             self["tasks"] = ["taskoffload.examples"]
+        for module in self["tasks"]:
+            if not _module_exists(module):
+                raise usage.UsageError(
+                    f"--tasks {module!r}: no such module on the Python path "
+                    "(install it, or add its directory to PYTHONPATH)"
+                )
         if self["listen"] is None:
             self["listen"] = (
                 DEFAULT_POOL_LISTEN if self["role"] == "worker" else DEFAULT_GATEWAY_LISTEN
@@ -291,6 +297,15 @@ class Options(usage.Options):
         from taskoffload.gateway import GatewayAccess
 
         return GatewayAccess(token=self["token"], allowed_origins=self["allowed-origin"])
+
+
+def _module_exists(name: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a parent package that is missing, or ""
+        return False
 
 
 def is_loopback_endpoint(description: str) -> bool:

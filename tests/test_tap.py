@@ -50,13 +50,13 @@ def test_options_coerced() -> None:
 
 def test_tasks_repeatable() -> None:
     """``--tasks`` may be given several times; the modules replace the examples, in order."""
-    options = parse("--tasks", "mytasks", "--tasks=othertasks")
-    assert options["tasks"] == ["mytasks", "othertasks"]
+    options = parse("--tasks", "taskoffload.examples", "--tasks=json")
+    assert options["tasks"] == ["taskoffload.examples", "json"]
 
 
 def test_tasks_not_shared() -> None:
     """Task modules named on one command line do not leak into the next."""
-    parse("--tasks", "mytasks")
+    parse("--tasks", "json")
     assert parse()["tasks"] == ["taskoffload.examples"]
 
 
@@ -151,7 +151,7 @@ def test_make_service() -> None:
         "--listen=unix:/run/t.sock",
         "--count=2",
         "--concurrency=3",
-        "--tasks=mytasks",
+        "--tasks=json",
         "--max-message=4096",
         "--stop-timeout=5",
         "--smtp-host=mail.example.org",
@@ -165,7 +165,7 @@ def test_make_service() -> None:
         listen="unix:/run/t.sock",
         count=2,
         concurrency=3,
-        tasks=("mytasks",),
+        tasks=("json",),
         max_message=4096,
         stop_timeout=5.0,
         env={"TASKOFFLOAD_SMTP_HOST": "mail.example.org", "TASKOFFLOAD_SMTP_PORT": "2525"},
@@ -255,3 +255,11 @@ def test_short_secret_refused(tmp_path) -> None:
     secret.write_text("short")
     with pytest.raises(usage.UsageError, match="at least 16"):
         parse("--role=worker", f"--secret-file={secret}")
+
+
+def test_missing_tasks_module_refused() -> None:
+    """A --tasks module that cannot be found is a usage error naming it."""
+    with pytest.raises(usage.UsageError, match="--tasks 'no_such_tasks_module': no such module"):
+        parse("--role=worker", "--tasks=no_such_tasks_module")
+    with pytest.raises(usage.UsageError, match="no such module"):
+        parse("--role=worker", "--tasks=no_such_package.tasks")

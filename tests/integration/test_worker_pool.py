@@ -10,7 +10,7 @@ import time
 
 import psutil
 import pytest
-from conftest import LineClient, wait_for
+from conftest import LineClient, free_port, wait_for
 
 
 def test_raw_echo_line_gets_result(pool):
@@ -182,3 +182,22 @@ def test_half_closed_connection_gets_its_replies(pool):
     assert client.reply() == {"id": 1, "result": {"x": 1}}
     assert client.reply() == {"id": 2, "result": None}
     assert wait_for(client.closed, 5, what="the worker to close")
+
+
+def test_tasks_module_that_fails_to_import_stops_the_service(twistd, tmp_path, monkeypatch):
+    """A --tasks module that raises on import stops twistd with the error in its log,
+    instead of holding the port open with no worker to accept."""
+    (tmp_path / "broken_tasks.py").write_text("raise RuntimeError('broken on purpose')\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    tree = twistd(
+        "--role=worker",
+        "--count=1",
+        "--listen",
+        f"tcp:{free_port()}:interface=127.0.0.1",
+        "--tasks",
+        "broken_tasks",
+    )
+    tree.process.wait(timeout=30)
+    log = tree.log()
+    assert "The worker pool cannot start" in log
+    assert "broken on purpose" in log
