@@ -65,6 +65,7 @@ from typing import Any
 
 from taskoffload import wire
 from taskoffload.bench import children, group_pids, read_text, twistd_command
+from taskoffload.bench import percentile as bench_percentile
 from taskoffload.tap import raise_open_files_limit
 
 __all__ = [
@@ -282,9 +283,8 @@ def _trees(directory: str | Path | None, scenario: str) -> Iterator[_Trees]:
 
 
 def percentile(values: Sequence[float], q: float) -> float:
-    """The ``q`` quantile (0..1) of ``values``, nearest rank."""
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+    """The ``q`` quantile (0..1) of ``values``, nearest rank (as the benchmarks count)."""
+    return bench_percentile(sorted(values), q)
 
 
 def _ms(seconds: float | None) -> float | None:
