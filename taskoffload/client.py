@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from taskoffload import wire
+from taskoffload._transport import write_now
 
 __all__ = [
     "CONNECT_BACKOFF",
@@ -50,6 +51,10 @@ EARLY_CLOSE_RETRIES: Final = 8
 
 #: Connection attempts made to a pool before it has said how many task slots it has.
 FIRST_CONNECTS: Final = 16
+
+#: Connections in a row that may land on a worker the client already holds enough
+#: connections to, and be closed to try for another worker; then one is kept.
+DUPLICATE_RETRIES: Final = 4
 
 # Slack when comparing reactor times, so float rounding never delays an expiry by
 # one more timer round.
@@ -224,11 +229,13 @@ class _Target:
         "busy",
         "connecting",
         "down_until",
+        "duplicates",
         "early_closes",
         "error",
         "opened",
         "retry",
         "slots",
+        "workers",
     )
 
     def __init__(self, address: PoolAddress) -> None:
@@ -249,6 +256,10 @@ class _Target:
         self.early_closes = 0
         #: Open connections to it (accepted by a worker, not yet forgotten).
         self.opened = 0
+        #: Of those, how many each worker process (by pid) accepted.
+        self.workers: Counter[int] = Counter()
+        #: Connections in a row closed because their worker already had enough.
+        self.duplicates = 0
 
     def __str__(self) -> str:
         return str(self.address)
@@ -280,6 +291,8 @@ class TaskClientProtocol(LineReceiver):
         self.accepted = False
         #: The process id of the worker that accepted it, if it said.
         self.worker: int | None = None
+        #: How many tasks that worker runs at once, as it said.
+        self.concurrency = 1
         #: Fires with this protocol once accepted; fails if lost before.
         self.ready: Deferred[TaskClientProtocol] = Deferred(lambda d: self._abort())
 
@@ -319,6 +332,7 @@ class TaskClientProtocol(LineReceiver):
             if not self.accepted:
                 self.accepted = True
                 self.worker = reply.worker
+                self.concurrency = reply.concurrency or 1
                 self.ready.callback(self)
             return
         if isinstance(reply, wire.Goodbye):
@@ -341,9 +355,9 @@ class TaskClientProtocol(LineReceiver):
         self.client._connection_lost(self, reason)
 
     def send(self, data: bytes) -> None:
-        """Write ``data`` to the connection."""
+        """Write ``data`` to the connection, sending it now (see :mod:`._transport`)."""
         assert self.transport is not None
-        self.transport.write(data)
+        write_now(self.transport, data)
 
     def close(self) -> None:
         """Close the connection once what was written is sent."""
@@ -732,6 +746,25 @@ class TaskClient:
         target.down_until = 0.0
         target.error = None
         target.early_closes = 0
+        worker = connection.worker
+        if worker is not None:
+            held = target.workers[worker]
+            if (
+                held >= connection.concurrency
+                and self._queued
+                and target.duplicates < DUPLICATE_RETRIES
+            ):
+                # Each worker takes connections while it has a free slot, so a
+                # fast one can take a second while others have none: the calls
+                # would then crowd onto it (two tasks in a row) while another
+                # worker idles.  Its first connection will bring it work; try
+                # again for a worker without one.
+                target.duplicates += 1
+                connection.close()
+                self._dispatch()
+                return
+            target.duplicates = 0
+            target.workers[worker] = held + 1
         self._connections.add(connection)
         target.opened += 1
         if not self._queued:
@@ -918,7 +951,12 @@ class TaskClient:
         """Stop counting a connection: it is closed or closing."""
         if connection in self._connections:
             self._connections.remove(connection)
-            connection.target.opened -= 1
+            target = connection.target
+            target.opened -= 1
+            if connection.worker is not None:
+                target.workers[connection.worker] -= 1
+                if not target.workers[connection.worker]:
+                    del target.workers[connection.worker]
         if connection in self._idle:
             self._idle.remove(connection)
 

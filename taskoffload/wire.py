@@ -251,6 +251,8 @@ class SessionAck:
     retry: tuple[str, ...] = ()
     #: How many tasks the whole pool runs at once (workers x concurrency).
     slots: int | None = None
+    #: How many tasks this worker process runs at once (``--concurrency``).
+    concurrency: int | None = None
 
 
 @attrs.frozen
@@ -421,6 +423,8 @@ def encode_session_ack(ack: SessionAck) -> bytes:
         session["retry"] = list(ack.retry)
     if ack.slots:
         session["slots"] = ack.slots
+    if ack.concurrency:
+        session["concurrency"] = ack.concurrency
     return dumps({"session": session}) + b"\n"
 
 
@@ -471,6 +475,10 @@ def encode_reply(reply: Reply) -> bytes:
     return dumps({"id": reply.id, "error": error}) + b"\n"
 
 
+def _is_positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 def decode_reply(data: bytes) -> Reply:
     """
     Decode one reply line (without its delimiter), as a client reads it.
@@ -483,14 +491,14 @@ def decode_reply(data: bytes) -> Reply:
             worker = obj["session"].get("worker")
             retry = obj["session"].get("retry")
             slots = obj["session"].get("slots")
+            concurrency = obj["session"].get("concurrency")
             return SessionAck(
                 worker=worker if isinstance(worker, int) else None,
                 retry=tuple(n for n in retry if isinstance(n, str))
                 if isinstance(retry, list)
                 else (),
-                slots=slots
-                if isinstance(slots, int) and not isinstance(slots, bool) and slots > 0
-                else None,
+                slots=slots if _is_positive_int(slots) else None,
+                concurrency=concurrency if _is_positive_int(concurrency) else None,
             )
         if isinstance(obj.get("goodbye"), str):
             return Goodbye(reason=obj["goodbye"])

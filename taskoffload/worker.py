@@ -29,6 +29,7 @@ from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from taskoffload import wire
+from taskoffload._transport import write_now
 from taskoffload.registry import PROGRESS_PARAMETER, TaskRegistry
 
 __all__ = ["SharedSocketAcceptor", "TaskServerFactory", "TaskServerProtocol"]
@@ -292,7 +293,9 @@ class TaskServerProtocol(LineReceiver):
                 type=outcome.type.__name__ if outcome.type else None,
             )
         if not self._closing:
-            self._send(wire.encode_reply(outcome))
+            # The final reply goes out now, not after the next poll: the client is
+            # waiting for it to send this worker more work.
+            write_now(self.transport, wire.encode_reply(outcome))
         self.factory.state_changed()
         self._next()
         self._close_if_done()
@@ -395,7 +398,9 @@ class TaskServerFactory(Factory):
         retry = tuple(sorted(name for name, spec in registry.tasks.items() if spec.retry))
         #: The reply to a session line, the same for every connection.
         self.session_ack = wire.encode_session_ack(
-            wire.SessionAck(worker=worker_id, retry=retry, slots=pool_slots)
+            wire.SessionAck(
+                worker=worker_id, retry=retry, slots=pool_slots, concurrency=concurrency
+            )
         )
         self.clock = clock
         self.concurrency = concurrency

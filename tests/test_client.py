@@ -24,7 +24,13 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from taskoffload import wire
-from taskoffload.client import ITaskPool, PoolAddress, TaskClient, TaskError
+from taskoffload.client import (
+    DUPLICATE_RETRIES,
+    ITaskPool,
+    PoolAddress,
+    TaskClient,
+    TaskError,
+)
 
 ADDRESS = "tcp:127.0.0.1:12345"
 
@@ -101,11 +107,12 @@ class Pool:
         retry: Sequence[str] = (),
         worker: int | None = None,
         slots: int | None = None,
+        concurrency: int | None = None,
     ) -> Worker:
         """
         Let connection attempt ``index`` succeed.  The worker's acknowledgement
-        names ``retry`` as its idempotent tasks, and ``worker`` as its pid (by
-        default, a different one for each attempt).
+        names ``retry`` as its idempotent tasks, ``worker`` as its pid (by
+        default, a different one for each attempt) and its ``concurrency``.
         """
         if worker is None:
             worker = 1 + index % len(self.reactor.tcpClients)
@@ -116,7 +123,9 @@ class Pool:
         # ClientCreator hands the protocol over on the next reactor turn.
         self.reactor.advance(0)
         # The worker acknowledges the session line once it has accepted.
-        ack = wire.SessionAck(worker=worker, retry=tuple(retry), slots=slots)
+        ack = wire.SessionAck(
+            worker=worker, retry=tuple(retry), slots=slots, concurrency=concurrency
+        )
         protocol.dataReceived(wire.encode_session_ack(ack))
         return Worker(protocol, transport)
 
@@ -920,9 +929,9 @@ def test_retry_skips_idle_connections_to_the_lost_worker() -> None:
     pool.client.call("noop")
     pool.client.call("noop")
     outcome = Outcome(pool.client.call("idem"))
-    lost_idle = pool.accept(0, worker=7)
+    lost_idle = pool.accept(0, worker=7, concurrency=2)
     other = pool.accept(1, worker=9)
-    lost_busy = pool.accept(2, worker=7, retry=["idem"])
+    lost_busy = pool.accept(2, worker=7, retry=["idem"], concurrency=2)
     other.answer()
     lost_idle.answer()
     lost_busy.drop(ConnectionLost("killed"))
@@ -1037,13 +1046,43 @@ def test_lost_connection_drops_idle_ones_to_the_same_worker() -> None:
     pool = Pool()
     first = Outcome(pool.client.call("noop"))
     second = Outcome(pool.client.call("noop"))
-    a = pool.accept(0, worker=7)
-    b = pool.accept(1, worker=7)
+    a = pool.accept(0, worker=7, concurrency=2)
+    b = pool.accept(1, worker=7, concurrency=2)
     a.reply({"id": 1, "result": None})
     b.reply({"id": 2, "result": None})
     assert first.fired and second.fired
     a.drop(ConnectionLost())
     assert b.closing
+
+
+def test_connection_to_a_worker_already_held_is_replaced() -> None:
+    """A connection that lands on a worker already serving this client is closed for a new try."""
+    pool = Pool()
+    first = Outcome(pool.client.call("noop"))
+    second = Outcome(pool.client.call("noop"))
+    a = pool.accept(0, worker=7, slots=2)
+    duplicate = pool.accept(1, worker=7, slots=2)
+    assert duplicate.closing
+    assert not [m for m in duplicate.received() if "function" in m]
+    b = pool.accept(2, worker=8, slots=2)
+    a.answer()
+    b.answer()
+    assert first.fired and second.fired
+    assert len(pool.reactor.tcpClients) == 3
+
+
+def test_connection_to_a_worker_already_held_is_kept_after_retries() -> None:
+    """After DUPLICATE_RETRIES such connections in a row, the next one is used all the same."""
+    pool = Pool()
+    outcomes = [Outcome(pool.client.call("noop")) for _ in range(2)]
+    first = pool.accept(0, worker=7, slots=2)
+    for index in range(1, 1 + DUPLICATE_RETRIES):
+        assert pool.accept(index, worker=7, slots=2).closing
+    kept = pool.accept(1 + DUPLICATE_RETRIES, worker=7, slots=2)
+    assert not kept.closing
+    first.answer()
+    kept.answer()
+    assert all(outcome.fired for outcome in outcomes)
 
 
 def test_connections_capped_before_the_pool_says_its_size() -> None:

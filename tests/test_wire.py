@@ -442,6 +442,14 @@ def test_session_ack_round_trip() -> None:
     assert decode_reply(data[:-1]) == wire.SessionAck(worker=4242)
 
 
+def test_session_ack_sizes_round_trip() -> None:
+    """The pool's slots and the worker's concurrency read back; odd values read as unknown."""
+    ack = wire.SessionAck(worker=7, retry=("a",), slots=100, concurrency=2)
+    assert decode_reply(wire.encode_session_ack(ack)[:-1]) == ack
+    odd = b'{"session":{"worker":7,"slots":true,"concurrency":0}}'
+    assert decode_reply(odd) == wire.SessionAck(worker=7)
+
+
 def test_goodbye_round_trip() -> None:
     """A worker's goodbye reads back with its reason."""
     data = wire.encode_goodbye(wire.Goodbye(reason="worker stopping"))

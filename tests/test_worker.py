@@ -875,7 +875,9 @@ def test_session_ack_names_retryable_tasks() -> None:
     transport = StringTransport()
     protocol.makeConnection(transport)
     protocol.dataReceived(b'{"session": {"reject_when_busy": true}}\n')
-    assert orjson.loads(transport.value()) == {"session": {"worker": 42, "retry": ["idempotent"]}}
+    assert orjson.loads(transport.value()) == {
+        "session": {"worker": 42, "retry": ["idempotent"], "concurrency": 1}
+    }
 
 
 def test_unfinished_line_times_out() -> None:
