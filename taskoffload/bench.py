@@ -53,7 +53,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import itertools
 import json
 import math
 import os
@@ -592,7 +591,6 @@ async def _emails_run(
     function, args = _emails_task(options, service is not None)
     async with contextlib.AsyncExitStack() as stack:
         connections = await _open_clients(url, options.senders, stack)
-        prober = (await _open_clients(url, 1, stack))[0] if probe else None
         if not options.no_warmup:
             await asyncio.wait_for(
                 _burst(connections, options.tasks_total, function, args), options.timeout
@@ -600,44 +598,111 @@ async def _emails_run(
         meter = CpuMeter(
             service.pid if service else None, {"smtp_sink": sink.pid} if sink else None
         )
-        latencies: list[float] = []
-        probe_errors = 0
-        done = asyncio.Event()
-
-        async def probing(ws: Any) -> None:
-            nonlocal probe_errors
-            for n in itertools.count(1):
-                if done.is_set() or n > options.max_calls:
-                    return
-                sent = time.perf_counter()
-                await ws.send(_request(n, "noop", {}))
-                reply = json.loads(await ws.recv())
-                latencies.append(time.perf_counter() - sent)
-                if "result" not in reply:
-                    probe_errors += 1
-
-        meter.start()
-        probing_task = asyncio.ensure_future(probing(prober)) if prober else None
+        prober = Prober(url, options) if probe else None
         try:
+            if prober is not None:
+                await prober.start()
+            meter.start()
             burst = await asyncio.wait_for(
                 _burst(connections, options.tasks_total, function, args), options.timeout
             )
+            probed = await prober.stop() if prober is not None else None
         finally:
-            done.set()
-        if probing_task is not None:
-            await asyncio.wait_for(probing_task, options.timeout)
+            if prober is not None:
+                prober.kill()
         figures = {"wall_s": burst.wall, "results": float(len(burst.results))}
         figures["errors"] = float(sum(burst.errors.values()))
         if service is not None:
             per_worker = Counter(burst.results)
             figures["max_tasks_per_worker"] = float(max(per_worker.values(), default=0))
             figures["workers_used"] = float(len(per_worker))
-        if probe:
+        if probed is not None:
+            latencies, probe_errors = probed
             figures.update(latency_figures(latencies, "noop_"))
             figures["noop_calls"] = float(len(latencies))
             figures["noop_errors"] = float(probe_errors)
         figures.update(meter.stop())
         return figures
+
+
+class Prober:
+    """
+    The ``responsive`` probe: one more WebSocket client, in a process of its own,
+    making sequential ``noop`` calls between :meth:`start` and :meth:`stop`.
+
+    Its own process, so that what it measures is the gateway's delay and not the
+    load generator's: in the generator's event loop, a call would also wait while
+    that loop sends the burst's 1000 frames and reads their replies.
+    """
+
+    def __init__(self, url: str, options: argparse.Namespace) -> None:
+        self._command = [
+            sys.executable,
+            "-m",
+            "taskoffload.bench",
+            "_probe",
+            url,
+            str(options.max_calls),
+        ]
+        self._timeout = options.timeout
+        self._process: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        """Start the probe process; return once it has connected and is calling."""
+        self._process = await asyncio.create_subprocess_exec(
+            *self._command,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            start_new_session=True,
+        )
+        assert self._process.stdout is not None
+        line = await asyncio.wait_for(self._process.stdout.readline(), self._timeout)
+        if line.strip() != b"calling":
+            raise RuntimeError(f"the probe did not start: {line!r}")
+
+    async def stop(self) -> tuple[list[float], int]:
+        """Stop calling; return the latencies (seconds) and the count of error replies."""
+        assert self._process is not None and self._process.stdin is not None
+        self._process.stdin.close()
+        out, _ = await asyncio.wait_for(self._process.communicate(), self._timeout)
+        figures = json.loads(out.strip().splitlines()[-1])
+        return figures["latencies"], figures["errors"]
+
+    def kill(self) -> None:
+        """End the probe process if it is still running."""
+        if self._process is not None and self._process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._process.pid, signal.SIGKILL)
+
+
+def _probe_main(url: str, max_calls: int) -> None:
+    """Hidden subcommand: sequential noop calls until standard input closes."""
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        stdin = asyncio.StreamReader()
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
+        latencies: list[float] = []
+        errors = 0
+        async with _ws_connect(url) as ws:
+            # One call first, so the connection is warm before the measured ones.
+            await ws.send(_request(0, "noop", {}))
+            await ws.recv()
+            print("calling", flush=True)
+            closed = asyncio.ensure_future(stdin.read())
+            for n in range(1, max_calls + 1):
+                if closed.done():
+                    break
+                sent = time.perf_counter()
+                await ws.send(_request(n, "noop", {}))
+                reply = json.loads(await ws.recv())
+                latencies.append(time.perf_counter() - sent)
+                if "result" not in reply:
+                    errors += 1
+            await closed
+        print(json.dumps({"latencies": latencies, "errors": errors}), flush=True)
+
+    asyncio.run(run())
 
 
 def scenario_emails(options: argparse.Namespace, directory: str) -> dict[str, float]:
@@ -1060,6 +1125,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_noop-direct-client"]:
         _noop_direct_client_main(argv[1:])
+        return 0
+    if argv[:1] == ["_probe"]:
+        _probe_main(argv[1], int(argv[2]))
         return 0
     if argv[:1] == ["_smtp-sink"]:
         _smtp_sink_main(int(argv[1]), float(argv[2]))
