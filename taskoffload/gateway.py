@@ -38,6 +38,15 @@ _log = Logger(namespace="taskoffload.gateway")
 #: Latencies kept for the percentiles in ``/status``.
 LATENCY_WINDOW = 10_000
 
+#: Distinct function names counted in ``/status`` and ``/metrics``; calls to
+#: others are counted as ``OTHER_FUNCTIONS``.  Names come from clients, so
+#: without a bound a client could grow the counters without end.
+MAX_FUNCTION_NAMES = 1000
+#: How calls to names the pool does not know are counted.
+UNKNOWN_FUNCTIONS = "(unknown)"
+#: How calls beyond :data:`MAX_FUNCTION_NAMES` are counted.
+OTHER_FUNCTIONS = "(other)"
+
 
 class GatewayLimits:
     """
@@ -154,8 +163,17 @@ class GatewayStats:
     def started(self, count: int = 1) -> None:
         self.inflight += count
 
+    def _name(self, function: str, outcome: str) -> str:
+        # The name a call is counted under: see MAX_FUNCTION_NAMES.
+        if outcome == wire.UNKNOWN_FUNCTION:
+            return UNKNOWN_FUNCTIONS
+        if function in self.by_function or len(self.by_function) < MAX_FUNCTION_NAMES:
+            return function
+        return OTHER_FUNCTIONS
+
     def finished(self, function: str, outcome: str, seconds: float) -> None:
         """Count one final reply; ``outcome`` is ``ok`` or an error code."""
+        function = self._name(function, outcome)
         self.inflight -= 1
         self.requests += 1
         self.by_function[function] += 1
@@ -166,6 +184,7 @@ class GatewayStats:
 
     def rejected(self, function: str, outcome: str) -> None:
         """Count a request answered without reaching the pool."""
+        function = self._name(function, outcome)
         self.requests += 1
         self.by_function[function] += 1
         self.by_outcome[outcome] += 1

@@ -35,6 +35,7 @@ class GatewayMetrics:
             ["function", "outcome"],
             registry=self.registry,
         )
+        self._requests_by_key: dict[tuple[str, str], Any] = {}
         self.latency = Histogram(
             "taskoffload_request_seconds",
             "Seconds from a request reaching the gateway to its final reply.",
@@ -73,7 +74,13 @@ class GatewayMetrics:
 
     def finished(self, function: str, outcome: str, seconds: float) -> None:
         """Record one final reply (see :class:`GatewayStats`)."""
-        self.requests.labels(function, outcome).inc()
+        # labels() takes a lock and validates its arguments on every call; the
+        # names are bounded (GatewayStats), so their children can be kept.
+        key = (function, outcome)
+        counter = self._requests_by_key.get(key)
+        if counter is None:
+            counter = self._requests_by_key[key] = self.requests.labels(function, outcome)
+        counter.inc()
         if outcome != "overloaded":
             self.latency.observe(seconds)
 

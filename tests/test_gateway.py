@@ -24,6 +24,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 
+from taskoffload import gateway as gateway_module
 from taskoffload import wire
 from taskoffload.gateway import GatewayFactory, GatewayLimits, GatewayProtocol, GatewayStats
 from taskoffload.testing import FakeTaskPool
@@ -532,6 +533,26 @@ def test_stats_count_overloaded() -> None:
     assert gateway.stats.by_outcome == {"overloaded": 1}
     assert gateway.stats.by_function == {"f": 1}
     assert list(gateway.stats.latencies) == []
+
+
+def test_stats_count_unknown_functions_under_one_name() -> None:
+    """Calls to names the pool does not know are counted together, whatever the names."""
+    seen: list[str] = []
+    stats = GatewayStats(on_finished=lambda function, *rest: seen.append(function))
+    for n in range(3):
+        stats.started()
+        stats.finished(f"nope{n}", wire.UNKNOWN_FUNCTION, 0.001)
+    assert stats.by_function == {gateway_module.UNKNOWN_FUNCTIONS: 3}
+    assert seen == [gateway_module.UNKNOWN_FUNCTIONS] * 3
+
+
+def test_stats_bound_the_function_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Beyond MAX_FUNCTION_NAMES distinct names, further names are counted as one."""
+    monkeypatch.setattr(gateway_module, "MAX_FUNCTION_NAMES", 2)
+    stats = GatewayStats()
+    for function in ["a", "b", "c", "a", "d"]:
+        stats.rejected(function, wire.OVERLOADED)
+    assert stats.by_function == {"a": 2, "b": 1, gateway_module.OTHER_FUNCTIONS: 2}
 
 
 def test_stats_on_finished_hook() -> None:
