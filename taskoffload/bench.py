@@ -376,6 +376,8 @@ def start_all(
     ]
     if sink is not None:
         args += ["--smtp-host", "127.0.0.1", "--smtp-port", str(sink.port)]
+    if options.prefetch:
+        args.append("--prefetch")
     service = Service(args, directory, _bench_env(directory))
     try:
         service.wait_for_log("Gateway listening on", START_TIMEOUT)
@@ -836,6 +838,8 @@ def scenario_noop_direct(options: argparse.Namespace, directory: str) -> dict[st
         ]
         if service is not None:
             command += ["--pgid", str(service.pid)]
+        if options.prefetch:
+            command.append("--prefetch")
         budget = len(options.clients) * (options.duration + options.warmup + options.timeout)
         done = subprocess.run(
             command, capture_output=True, text=True, timeout=budget + 30, check=False
@@ -863,6 +867,7 @@ def _noop_direct_client_main(argv: list[str]) -> None:
     parser.add_argument("--max-calls", type=int, default=1_000_000)
     parser.add_argument("--timeout", type=float, default=30.0)
     parser.add_argument("--pgid", type=int)
+    parser.add_argument("--prefetch", action="store_true")
     options = parser.parse_args(argv)
 
     from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
@@ -871,7 +876,9 @@ def _noop_direct_client_main(argv: list[str]) -> None:
     from taskoffload.client import TaskClient, TaskError
 
     async def level(reactor: Any, clients: int) -> dict[str, float]:
-        client = TaskClient(reactor, [options.pool], max_connections=max(clients, 1))
+        client = TaskClient(
+            reactor, [options.pool], max_connections=max(clients, 1), prefetch=options.prefetch
+        )
         loop_state = ClosedLoop(options.duration, options.max_calls)
         meter = CpuMeter(options.pgid)
 
@@ -1116,6 +1123,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--pool", metavar="ADDR", help="noop-direct: use this running pool (tcp:HOST:PORT)"
+    )
+    parser.add_argument(
+        "--prefetch",
+        action="store_true",
+        help="a started gateway, or noop-direct's TaskClient, prefetches (see docs/performance.rst)",
     )
     return parser
 

@@ -284,7 +284,10 @@ class TaskClientProtocol(LineReceiver):
         self.MAX_LENGTH = max_message
         self.client = client
         self.target = target
+        #: The call the worker runs (or will run first) on this connection.
         self.call: _Call | None = None
+        #: With prefetch: a call sent behind :attr:`call`, queued at the worker.
+        self.next: _Call | None = None
         self.idle_since = 0.0
         self.lost = False
         #: The worker has accepted the connection (its session acknowledgement came).
@@ -400,6 +403,13 @@ class TaskClient:
     :param connect_timeout: seconds a connection attempt may take.
     :param secret: the pools' shared secret, if they ask for one (an HMAC
         challenge on each connection).
+    :param prefetch: while calls wait for a free connection, send one of them
+        ahead on each busy connection, where the worker queues it and starts it
+        the moment its current task ends, instead of a round trip later.  The
+        cost: a prefetched call waits for the task ahead of it even if another
+        worker frees first, and if its worker is lost it fails with
+        ``worker_lost`` (or is sent again, if idempotent) like the call ahead of
+        it, since the client cannot tell whether it had started.
     :raises ValueError: for an unreadable address or an out-of-range number.
     """
 
@@ -416,6 +426,7 @@ class TaskClient:
         max_message: int = wire.DEFAULT_MAX_MESSAGE,
         connect_timeout: float = 5.0,
         secret: bytes | None = None,
+        prefetch: bool = False,
     ) -> None:
         if isinstance(addresses, str):
             raise ValueError("addresses is a sequence of address strings, not one string")
@@ -454,6 +465,10 @@ class TaskClient:
         self._connects: set[Deferred[TaskClientProtocol]] = set()
         self._closed = False
         self._close_waiters: list[Deferred[None]] = []
+        self._prefetch = prefetch
+        # Connections that may take a prefetched call: checked when taken, so a
+        # connection that changed since it was put here is skipped then.
+        self._prefetchable: deque[TaskClientProtocol] = deque()
 
     # ITaskPool
 
@@ -533,6 +548,17 @@ class TaskClient:
         known = [t.slots for t in self._targets if t.slots]
         return sum(known) if known else None
 
+    def capacity(self) -> int | None:
+        """
+        :return: how many calls the pools take at once before calls wait in this
+            client: their slots, twice that with prefetch; ``None`` before any
+            pool has said how many slots it has.
+        """
+        slots = self.slots()
+        if slots is None:
+            return None
+        return slots * 2 if self._prefetch else slots
+
     # Lifecycle
 
     def close(self) -> Deferred[None]:
@@ -556,10 +582,10 @@ class TaskClient:
             self._queued = 0
             self._idle.clear()
             for connection in list(self._connections):
-                sent = connection.call
-                if sent is not None and sent.state == _SENT:
-                    sent.state = _ABANDONED
-                    dropped.append(sent)
+                for sent in (connection.call, connection.next):
+                    if sent is not None and sent.state == _SENT:
+                        sent.state = _ABANDONED
+                        dropped.append(sent)
                 connection.close()
             for connect in list(self._connects):
                 connect.cancel()
@@ -571,7 +597,10 @@ class TaskClient:
     # Sending
 
     def _dispatch(self) -> None:
-        """Give waiting calls to idle connections, and open connections for the rest."""
+        """
+        Give waiting calls to idle connections, open connections for the rest
+        and, with prefetch, send what those will not take ahead on busy ones.
+        """
         while self._queued and self._idle:
             self._use(self._idle.pop())
         while (
@@ -582,8 +611,41 @@ class TaskClient:
             if target is None:
                 if self._all_down():
                     self._fail_unserved()
-                return  # every pool has as many connections as it has slots: wait
+                break  # every pool has as many connections as it has slots: wait
             self._connect(target)
+        if self._prefetch:
+            self._prefetch_calls()
+
+    def _prefetch_calls(self) -> None:
+        """Send waiting calls ahead on busy connections, but those opening connections will take."""
+        while self._queued > len(self._connects) and self._prefetchable:
+            connection = self._prefetchable.popleft()
+            if (
+                connection.call is None
+                or connection.next is not None
+                or connection.lost
+                or connection not in self._connections
+            ):
+                continue
+            call = self._next_waiting()
+            if call is None:
+                return
+            error = self._send(connection, call, ahead=True)
+            if error is not None:
+                self._prefetchable.appendleft(connection)
+                self._answer(call, error)
+
+    def _next_waiting(self) -> _Call | None:
+        """Take the oldest waiting call out of the line."""
+        while self._queued:
+            call = self._queue.popleft()
+            if call.state != _QUEUED:
+                continue
+            self._queued -= 1
+            if not self._queued:
+                self._queue.clear()
+            return call
+        return None
 
     def _use(self, connection: TaskClientProtocol) -> None:
         """Send the oldest waiting call on a free connection, or let it idle."""
@@ -606,9 +668,12 @@ class TaskClient:
         for call, error in failed:
             self._answer(call, error)
 
-    def _send(self, connection: TaskClientProtocol, call: _Call) -> TaskError | None:
+    def _send(
+        self, connection: TaskClientProtocol, call: _Call, ahead: bool = False
+    ) -> TaskError | None:
         """
-        Write ``call``'s request on ``connection``.
+        Write ``call``'s request on ``connection``, as its current call or, with
+        ``ahead``, as the one queued behind it.
 
         :return: ``None``, or the error that kept the request from being written;
             the connection is then untouched and the call still unanswered.
@@ -627,7 +692,12 @@ class TaskClient:
             return TaskError(wire.BAD_REQUEST, f"the arguments cannot be sent as JSON: {e}")
         call.state = _SENT
         call.connection = connection
-        connection.call = call
+        if ahead:
+            connection.next = call
+        else:
+            connection.call = call
+            if self._prefetch:
+                self._prefetchable.append(connection)
         connection.target.busy += 1
         connection.send(line)
         return None
@@ -852,6 +922,10 @@ class TaskClient:
     def _reply_received(
         self, connection: TaskClientProtocol, reply: wire.Result | wire.ErrorReply | wire.Progress
     ) -> None:
+        ahead = connection.next
+        if ahead is not None and reply.id == ahead.id and not isinstance(reply, wire.Progress):
+            self._ahead_answered(connection, ahead, reply)
+            return
         call = connection.call
         if call is None or (
             reply.id != call.id and not (reply.id is None and type(reply) is wire.ErrorReply)
@@ -877,15 +951,59 @@ class TaskClient:
         ):
             # The request did not run: this connection's worker is busy with other
             # work.  Drop the connection (an idle worker accepts the next one) and
-            # send the request again, ahead of the calls waiting.
-            self._retire(connection)
+            # send the request again, ahead of the calls waiting.  A call sent
+            # behind it gets its own answer first.
+            if connection.next is None:
+                self._retire(connection)
+            else:
+                self._promote(connection)
             self._resend(call, state)
             return
         call.state = _FINISHED
         # Free the connection first so that waiting calls keep their place in line
         # ahead of any call the caller makes when its Deferred fires.
         if not self._closed:
-            self._use(connection)
+            if connection.next is not None:
+                self._promote(connection)
+                self._dispatch()
+            else:
+                self._use(connection)
+        if state == _SENT:
+            if type(reply) is wire.Result:
+                self._answer(call, reply.result)
+            else:
+                assert isinstance(reply, wire.ErrorReply)
+                self._answer(call, TaskError.from_reply(reply))
+
+    def _promote(self, connection: TaskClientProtocol) -> None:
+        """The call sent ahead on ``connection`` is now the one its worker runs."""
+        connection.call, connection.next = connection.next, None
+        if self._prefetch:
+            self._prefetchable.append(connection)
+
+    def _ahead_answered(
+        self, connection: TaskClientProtocol, call: _Call, reply: wire.Result | wire.ErrorReply
+    ) -> None:
+        """
+        A final reply to the call sent ahead, before the current call's: it was
+        cancelled, or handed back, before it ran.
+        """
+        connection.next = None
+        connection.target.busy -= 1
+        call.connection = None
+        state = call.state
+        if (
+            type(reply) is wire.ErrorReply
+            and reply.code == wire.OVERLOADED
+            and reply.type == wire.WORKER_BUSY
+        ):
+            self._resend(call, state)
+            return
+        call.state = _FINISHED
+        if not self._closed:
+            if self._prefetch and connection.call is not None:
+                self._prefetchable.append(connection)
+            self._dispatch()
         if state == _SENT:
             if type(reply) is wire.Result:
                 self._answer(call, reply.result)
@@ -938,6 +1056,13 @@ class TaskClient:
     def _goodbye(self, connection: TaskClientProtocol) -> None:
         """The worker closes this connection and read nothing after its goodbye."""
         self._retire(connection)
+        ahead = connection.next
+        if ahead is not None:
+            # Resent after the call ahead of it, which goes first in line.
+            connection.next = None
+            connection.target.busy -= 1
+            ahead.connection = None
+            self._resend(ahead, ahead.state)
         call = connection.call
         if call is not None:
             connection.call = None
@@ -974,6 +1099,12 @@ class TaskClient:
         if connection in self._idle:
             self._idle.remove(connection)
         connection.close()
+        lost_ahead = self._drop_ahead(connection, f"bad reply: {why}")
+        if lost_ahead is not None:
+            self._answer(
+                lost_ahead,
+                TaskError(wire.WORKER_LOST, f"bad reply from {connection.target}: {why}"),
+            )
         call = connection.call
         if call is not None and call.state == _SENT:
             if self._may_retry(call, connection.target):
@@ -990,6 +1121,27 @@ class TaskClient:
             message = f"bad reply from {connection.target}: {why}"
             self._answer(call, TaskError(wire.WORKER_LOST, message))
 
+    def _drop_ahead(self, connection: TaskClientProtocol, why: str) -> _Call | None:
+        """
+        Detach the call sent ahead on a connection that is lost or dropped.  It
+        may have started (the reply to the call before it may be what was lost),
+        so it is sent again only if idempotent, like a running call.
+
+        :return: the call if its caller is to get ``worker_lost``, else ``None``.
+        """
+        ahead = connection.next
+        if ahead is None:
+            return None
+        connection.next = None
+        connection.target.busy -= 1
+        ahead.connection = None
+        if ahead.state == _SENT and self._may_retry(ahead, connection.target):
+            self._retry(ahead, connection, why)
+            return None
+        lost = ahead if ahead.state == _SENT else None
+        ahead.state = _FINISHED
+        return lost
+
     def _connection_lost(self, connection: TaskClientProtocol, reason: Failure) -> None:
         if connection not in self._connections:
             # Never handed to us (lost while connecting), or already forgotten.
@@ -1005,6 +1157,7 @@ class TaskClient:
                 if c.target is connection.target and c.worker == connection.worker
             ]:
                 self._retire(same)
+        lost_ahead = self._drop_ahead(connection, reason.getErrorMessage())
         call = connection.call
         lost: _Call | None = None
         if call is not None:
@@ -1022,9 +1175,10 @@ class TaskClient:
             self._check_closed()
         else:
             self._dispatch()
-        if lost is not None:
-            message = (
-                f"lost the connection to {connection.target} with the request in flight: "
-                f"{reason.getErrorMessage()}"
-            )
-            self._answer(lost, TaskError(wire.WORKER_LOST, message))
+        for dropped in (lost, lost_ahead):
+            if dropped is not None:
+                message = (
+                    f"lost the connection to {connection.target} with the request in "
+                    f"flight: {reason.getErrorMessage()}"
+                )
+                self._answer(dropped, TaskError(wire.WORKER_LOST, message))

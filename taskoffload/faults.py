@@ -584,12 +584,14 @@ def kill_storm(
     deadline: float = 10.0,
     seed: int | None = None,
     directory: str | Path | None = None,
+    options: Sequence[str] = (),
 ) -> dict[str, Any]:
     """
     ``clients`` WebSocket clients send ``sleep(0.02)`` and ``noop`` requests, one
     at a time each, each with ``"timeout": deadline``, through a role-all tree of
     ``count`` workers for ``duration`` s, while a random worker is SIGKILLed every
-    ``kill_interval`` s.
+    ``kill_interval`` s.  ``options`` are more ``twistd taskoffload`` options
+    (say, ``--prefetch``).
 
     :return: counts: ``sent``; final replies: ``results``, ``worker_lost``,
         ``other_errors`` (by code); ``duplicates`` (a second final reply to an
@@ -606,7 +608,7 @@ def kill_storm(
     """
     rng = random.Random(seed)
     with _trees(directory, "kill_storm") as trees:
-        tree, gateway, _ = trees.all(count)
+        tree, gateway, _ = trees.all(count, *options)
         return asyncio.run(
             _kill_storm(tree, gateway, duration, clients, count, kill_interval, deadline, rng)
         )

@@ -477,6 +477,16 @@ class GatewayProtocol(WebSocketServerProtocol):
     # batch of thousands, say) queues behind itself, and another client's call
     # takes the next free slot instead of waiting behind the whole burst.
 
+    @property
+    def has_waiting(self) -> bool:
+        """Calls of this client wait for their share of the pool."""
+        return bool(self._waiting)
+
+    def admit(self) -> None:
+        """Hand the pool what waiting calls this client's share allows."""
+        if getattr(self, "_open", False):
+            self._admit()
+
     def _admit(self) -> None:
         share = self.factory.share()
         while self._waiting and self._submitted < share:
@@ -512,6 +522,11 @@ class GatewayProtocol(WebSocketServerProtocol):
             else:
                 ticket.outcome.callback(outcome)
         self._admit()
+        if not self._waiting:
+            # A slot this client no longer needs: the others' shares may have
+            # grown with it (one fewer active client), so let them take it now
+            # rather than when their own calls next finish.
+            self.factory.admit_waiting(self)
 
     def _cancel_ticket(self, ticket: _Ticket) -> None:
         if ticket.submitted is not None:
@@ -668,12 +683,19 @@ class GatewayFactory(WebSocketServerFactory):
             failByDrop=False,
         )
 
+    def admit_waiting(self, freed_by: GatewayProtocol) -> None:
+        """Let active clients with calls waiting take what their shares now allow."""
+        for client in list(self.active):
+            if client is not freed_by and client.has_waiting:
+                client.admit()
+
     def share(self) -> int:
         """
         :return: how many calls one client may have at the pool at once: the
             pool's task slots (if it has said) divided among the active clients.
         """
-        slots = getattr(self.pool, "slots", None)
+        # What the pool takes at once: its slots, or more if it prefetches.
+        slots = getattr(self.pool, "capacity", None) or getattr(self.pool, "slots", None)
         if not callable(slots):
             return _UNLIMITED  # a pool that cannot say: no sharing
         # Until the pool has said, assume a small one: the first burst must not

@@ -49,6 +49,8 @@ class GatewayService(Service):
     :param pool_service: the pool in this process (role all): its address is
         used, and its state shown in ``/status``.
     :param access: who may use the site; by default anyone.
+    :param prefetch: the gateway's ``TaskClient`` sends calls ahead to busy
+        workers (see :class:`~taskoffload.client.TaskClient`).
     """
 
     def __init__(
@@ -62,8 +64,10 @@ class GatewayService(Service):
         reactor: Any = None,
         access: GatewayAccess | None = None,
         secret: bytes | None = None,
+        prefetch: bool = False,
     ) -> None:
         self.secret = secret
+        self.prefetch = prefetch
         self.stop_timeout = stop_timeout
         self.listen = listen
         self.pool_addresses = list(pool_addresses)
@@ -102,7 +106,9 @@ class GatewayService(Service):
 
     def startService(self) -> None:
         super().startService()
-        self.client = TaskClient(self.reactor, self._addresses(), secret=self.secret)
+        self.client = TaskClient(
+            self.reactor, self._addresses(), secret=self.secret, prefetch=self.prefetch
+        )
         metrics = GatewayMetrics(lambda: self.status())
         self.stats = GatewayStats(on_finished=metrics.finished)
         factory = GatewayFactory(

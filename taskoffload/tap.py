@@ -60,6 +60,14 @@ class Options(usage.Options):
 
     optFlags: list[list[Any]] = [
         [
+            "prefetch",
+            None,
+            "Gateway: while tasks wait for a free worker, send one ahead to each busy "
+            "worker, which starts it as soon as its current task ends. Faster bursts; "
+            "a prefetched task waits behind a long one, and fails with worker_lost if "
+            "that worker is lost (see docs/performance.rst).",
+        ],
+        [
             "insecure",
             None,
             "Let workers listen beyond loopback without --secret-file: anyone who can "
@@ -418,5 +426,6 @@ def makeService(options: Options) -> IService:
         stop_timeout=options["stop-timeout"],
         access=options.gateway_access(),
         secret=options["secret"],
+        prefetch=bool(options["prefetch"]),
     ).setServiceParent(top)
     return top

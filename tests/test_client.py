@@ -1166,3 +1166,122 @@ def test_client_without_secret_says_why_it_cannot_connect() -> None:
     protocol.connectionLost(Failure(ConnectionDone()))
     assert outcome.error.code == "worker_lost"
     assert "shared secret" in outcome.error.message
+
+
+# Prefetch
+
+
+def prefetching_pool(slots: int = 1, retry: Sequence[str] = ()) -> tuple[Pool, Worker, Outcome]:
+    """A prefetching client whose pool said it has ``slots``; one call is running."""
+    pool = Pool(prefetch=True)
+    first = Outcome(pool.client.call("noop"))
+    worker = pool.accept(0, slots=slots, retry=retry)
+    return pool, worker, first
+
+
+def requests(worker: Worker) -> list[int]:
+    """The ids of the requests the client wrote on a connection."""
+    return [m["id"] for m in worker.received() if "function" in m]
+
+
+def test_prefetch_sends_one_waiting_call_ahead() -> None:
+    """With prefetch, a call that finds every connection busy goes ahead on one, once."""
+    pool, worker, first = prefetching_pool()
+    second = Outcome(pool.client.call("noop"))
+    third = Outcome(pool.client.call("noop"))
+    assert requests(worker) == [1, 2]
+    assert len(pool.reactor.tcpClients) == 1
+    worker.reply({"id": 1, "result": "a"})
+    # The second now runs at the worker without being sent again; the third goes ahead.
+    assert first.result == "a"
+    assert requests(worker) == [1, 2, 3]
+    worker.reply({"id": 2, "result": "b"})
+    worker.reply({"id": 3, "result": "c"})
+    assert (second.result, third.result) == ("b", "c")
+    assert pool.client.capacity() == 2
+
+
+def test_no_prefetch_by_default() -> None:
+    """Without prefetch, a call waits in the client until a connection is free."""
+    pool = Pool()
+    Outcome(pool.client.call("noop"))
+    worker = pool.accept(0, slots=1)
+    second = Outcome(pool.client.call("noop"))
+    assert requests(worker) == [1]
+    assert pool.client.capacity() == 1
+    worker.answer()
+    assert requests(worker) == [1, 2]
+    worker.answer("b")
+    assert second.result == "b"
+
+
+def test_prefetched_call_lost_with_its_worker() -> None:
+    """A call sent ahead fails with worker_lost with the call before it: it may have started."""
+    pool, worker, first = prefetching_pool()
+    second = Outcome(pool.client.call("noop"))
+    worker.drop(ConnectionLost("killed"))
+    assert first.error.code == wire.WORKER_LOST
+    assert second.error.code == wire.WORKER_LOST
+    assert len(pool.reactor.tcpClients) == 1
+
+
+def test_prefetched_idempotent_call_sent_again() -> None:
+    """An idempotent call sent ahead is sent once more when its worker is lost."""
+    pool, worker, first = prefetching_pool(retry=["idem"])
+    second = Outcome(pool.client.call("idem"))
+    assert requests(worker) == [1, 2]
+    worker.drop(ConnectionLost("killed"))
+    assert first.error.code == wire.WORKER_LOST
+    assert not second.fired
+    other = pool.accept(1, slots=1, retry=["idem"])
+    assert requests(other) == [2]
+    other.answer("again")
+    assert second.result == "again"
+
+
+def test_prefetched_call_cancelled_before_it_ran() -> None:
+    """Cancelling a call sent ahead sends a cancel; its answer may come before the call ahead's."""
+    pool, worker, first = prefetching_pool()
+    second_deferred = pool.client.call("noop")
+    second = Outcome(second_deferred)
+    second_deferred.cancel()
+    assert second.error.code == wire.CANCELLED
+    assert worker.received()[-1] == {"cancel": 2}
+    worker.reply({"id": 2, "error": {"code": "cancelled", "message": "cancelled before it ran"}})
+    assert not worker.closing
+    third = Outcome(pool.client.call("noop"))
+    assert requests(worker) == [1, 2, 3]
+    worker.reply({"id": 1, "result": "a"})
+    worker.reply({"id": 3, "result": "c"})
+    assert (first.result, third.result) == ("a", "c")
+
+
+def test_prefetched_call_handed_back_is_sent_again() -> None:
+    """A call sent ahead that the worker hands back unrun goes out again, and is answered once."""
+    pool, worker, first = prefetching_pool()
+    second = Outcome(pool.client.call("noop"))
+    worker.reply(
+        {
+            "id": 2,
+            "error": {"code": "overloaded", "message": "busy", "type": wire.WORKER_BUSY},
+        }
+    )
+    assert not second.fired
+    worker.reply({"id": 1, "result": "a"})
+    assert first.result == "a"
+    assert requests(worker) == [1, 2, 2]
+    worker.reply({"id": 2, "result": "b"})
+    assert second.result == "b"
+
+
+def test_goodbye_resends_the_prefetched_call() -> None:
+    """A worker's goodbye means neither request on the connection ran: both go out again."""
+    pool, worker, first = prefetching_pool()
+    second = Outcome(pool.client.call("noop"))
+    worker.protocol.dataReceived(wire.encode_goodbye(wire.Goodbye(reason="worker stopping")))
+    assert worker.closing
+    other = pool.accept(1, slots=1)
+    assert requests(other) == [1, 2]
+    other.reply({"id": 1, "result": "a"})
+    other.reply({"id": 2, "result": "b"})
+    assert (first.result, second.result) == ("a", "b")

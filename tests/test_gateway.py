@@ -700,6 +700,38 @@ def test_another_clients_call_is_not_queued_behind_a_burst() -> None:
     assert functions == ["sleep", "sleep", "noop"]
 
 
+class PrefetchingPool(SizedPool):
+    """A pool that takes twice its slots at once (a prefetching TaskClient)."""
+
+    def capacity(self) -> int:
+        return 2 * self._slots
+
+
+def test_share_follows_a_prefetching_pools_capacity() -> None:
+    """A pool that takes more calls than it has slots (prefetch) gets that many from a client."""
+    gateway = Gateway(PrefetchingPool(2))
+    peer = gateway.connect()
+    for n in range(6):
+        peer.send({"id": n, "function": "noop"})
+    assert len(gateway.pool.pending) == 4
+
+
+def test_a_client_that_finishes_lets_the_others_take_its_share() -> None:
+    """When a client has nothing left to send, the others' waiting calls take its slots at once."""
+    gateway = Gateway(SizedPool(4))
+    short, long = gateway.connect(), gateway.connect()
+    for n in range(2):
+        short.send({"id": n, "function": "noop"})
+    for n in range(6):
+        long.send({"id": n, "function": "sleep"})
+    assert [c.function for c in gateway.pool.pending] == ["noop", "noop", "sleep", "sleep"]
+    # The short client's calls finish; it has nothing waiting: the long one's share
+    # grows to all 4 slots, and it takes them now rather than when its own calls end.
+    gateway.pool.pending[0].succeed(None)
+    gateway.pool.pending[0].succeed(None)
+    assert [c.function for c in gateway.pool.pending] == ["sleep"] * 4
+
+
 def test_waiting_call_times_out_and_can_be_cancelled() -> None:
     """A call still waiting for its share fails with its timeout, or on cancel."""
     gateway = Gateway(SizedPool(1))

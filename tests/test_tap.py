@@ -197,6 +197,17 @@ def test_make_service_gateway() -> None:
     assert gateway.pool_service is None
 
 
+def test_prefetch_option_reaches_the_gateway() -> None:
+    """--prefetch makes the gateway's TaskClient prefetch; it is off by default."""
+    from taskoffload.service import GatewayService
+
+    for flags, expected in [((), False), (("--prefetch",), True)]:
+        top = tap.makeService(parse("--role=gateway", *flags))
+        [gateway] = list(top)
+        assert isinstance(gateway, GatewayService)
+        assert gateway.prefetch is expected
+
+
 def test_open_files_limit_raised() -> None:
     """At start the soft open-files limit is raised to the hard one."""
     import resource

@@ -73,6 +73,27 @@ def test_kill_storm_every_request_gets_one_final_reply(tmp_path):
 
 
 @pytest.mark.timeout(60)
+def test_kill_storm_with_prefetch(tmp_path):
+    """The same storm with --prefetch: each request still gets exactly one final reply;
+    a kill may now also fail the request prefetched behind the running one."""
+    counts = faults.kill_storm(
+        4.0, clients=20, count=8, deadline=10.0, seed=6, directory=tmp_path, options=["--prefetch"]
+    )
+    print(f"\nkill storm with prefetch: {json.dumps(counts)}")
+    assert counts["kills"] >= 10
+    assert counts["results"] > counts["worker_lost"]
+    assert counts["sent"] == counts["results"] + counts["worker_lost"]
+    assert counts["other_errors"] == {}
+    assert counts["duplicates"] == counts["unknown"] == 0
+    assert counts["missing"] == counts["connection_closed"] == 0
+    assert counts["late"] == 0 and counts["max_latency_s"] < 10.0
+    # The running request, the one prefetched behind it, and one sent before the
+    # client saw the worker die.
+    assert counts["worker_lost"] <= 3 * counts["kills"]
+    assert counts["twistd_alive"]
+
+
+@pytest.mark.timeout(60)
 def test_pool_back_within_1s_after_repeated_kills_of_one_slot(role_all):
     """A slot whose worker is SIGKILLed four times in a row, each replacement as soon as
     it appears, serves again within 1 s of the last kill."""
