@@ -377,7 +377,7 @@ def start_all(
     if sink is not None:
         args += ["--smtp-host", "127.0.0.1", "--smtp-port", str(sink.port)]
     if options.prefetch:
-        args.append("--prefetch")
+        args += ["--prefetch", str(options.prefetch)]
     service = Service(args, directory, _bench_env(directory))
     try:
         service.wait_for_log("Gateway listening on", START_TIMEOUT)
@@ -839,7 +839,7 @@ def scenario_noop_direct(options: argparse.Namespace, directory: str) -> dict[st
         if service is not None:
             command += ["--pgid", str(service.pid)]
         if options.prefetch:
-            command.append("--prefetch")
+            command += ["--prefetch", str(options.prefetch)]
         budget = len(options.clients) * (options.duration + options.warmup + options.timeout)
         done = subprocess.run(
             command, capture_output=True, text=True, timeout=budget + 30, check=False
@@ -867,7 +867,7 @@ def _noop_direct_client_main(argv: list[str]) -> None:
     parser.add_argument("--max-calls", type=int, default=1_000_000)
     parser.add_argument("--timeout", type=float, default=30.0)
     parser.add_argument("--pgid", type=int)
-    parser.add_argument("--prefetch", action="store_true")
+    parser.add_argument("--prefetch", type=int, default=0)
     options = parser.parse_args(argv)
 
     from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
@@ -1126,8 +1126,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--prefetch",
-        action="store_true",
-        help="a started gateway, or noop-direct's TaskClient, prefetches (see docs/performance.rst)",
+        type=int,
+        default=0,
+        metavar="N",
+        help="calls a started gateway, or noop-direct's TaskClient, sends ahead to each busy "
+        "worker (0: none; see docs/performance.rst)",
     )
     return parser
 

@@ -286,8 +286,8 @@ class TaskClientProtocol(LineReceiver):
         self.target = target
         #: The call the worker runs (or will run first) on this connection.
         self.call: _Call | None = None
-        #: With prefetch: a call sent behind :attr:`call`, queued at the worker.
-        self.next: _Call | None = None
+        #: With prefetch: calls sent behind :attr:`call`, queued at the worker.
+        self.ahead: deque[_Call] = deque()
         self.idle_since = 0.0
         self.lost = False
         #: The worker has accepted the connection (its session acknowledgement came).
@@ -403,11 +403,11 @@ class TaskClient:
     :param connect_timeout: seconds a connection attempt may take.
     :param secret: the pools' shared secret, if they ask for one (an HMAC
         challenge on each connection).
-    :param prefetch: while calls wait for a free connection, send one of them
-        ahead on each busy connection, where the worker queues it and starts it
-        the moment its current task ends, instead of a round trip later.  The
-        cost: a prefetched call waits for the task ahead of it even if another
-        worker frees first, and if its worker is lost it fails with
+    :param prefetch: while calls wait for a free connection, send up to this many
+        of them ahead on each busy connection, where the worker queues them and
+        starts each the moment the task before it ends, instead of a round trip
+        later.  The cost: a prefetched call waits for the tasks ahead of it even
+        if another worker frees first, and if its worker is lost it fails with
         ``worker_lost`` (or is sent again, if idempotent) like the call ahead of
         it, since the client cannot tell whether it had started.
     :raises ValueError: for an unreadable address or an out-of-range number.
@@ -426,7 +426,7 @@ class TaskClient:
         max_message: int = wire.DEFAULT_MAX_MESSAGE,
         connect_timeout: float = 5.0,
         secret: bytes | None = None,
-        prefetch: bool = False,
+        prefetch: int = 0,
     ) -> None:
         if isinstance(addresses, str):
             raise ValueError("addresses is a sequence of address strings, not one string")
@@ -442,6 +442,8 @@ class TaskClient:
             raise ValueError("max_message must be at least 1")
         if not connect_timeout > 0:
             raise ValueError("connect_timeout must be positive")
+        if prefetch < 0:
+            raise ValueError("prefetch must not be negative")
         self._reactor = reactor
         self._secret = secret
         self._idle_timeout = idle_timeout
@@ -551,13 +553,13 @@ class TaskClient:
     def capacity(self) -> int | None:
         """
         :return: how many calls the pools take at once before calls wait in this
-            client: their slots, twice that with prefetch; ``None`` before any
-            pool has said how many slots it has.
+            client: their slots, times one more than ``prefetch``; ``None``
+            before any pool has said how many slots it has.
         """
         slots = self.slots()
         if slots is None:
             return None
-        return slots * 2 if self._prefetch else slots
+        return slots * (1 + self._prefetch)
 
     # Lifecycle
 
@@ -582,7 +584,7 @@ class TaskClient:
             self._queued = 0
             self._idle.clear()
             for connection in list(self._connections):
-                for sent in (connection.call, connection.next):
+                for sent in (connection.call, *connection.ahead):
                     if sent is not None and sent.state == _SENT:
                         sent.state = _ABANDONED
                         dropped.append(sent)
@@ -622,7 +624,7 @@ class TaskClient:
             connection = self._prefetchable.popleft()
             if (
                 connection.call is None
-                or connection.next is not None
+                or len(connection.ahead) >= self._prefetch
                 or connection.lost
                 or connection not in self._connections
             ):
@@ -693,11 +695,12 @@ class TaskClient:
         call.state = _SENT
         call.connection = connection
         if ahead:
-            connection.next = call
+            connection.ahead.append(call)
         else:
             connection.call = call
-            if self._prefetch:
-                self._prefetchable.append(connection)
+        if len(connection.ahead) < self._prefetch:
+            # Round robin: one call ahead on each busy connection before a second.
+            self._prefetchable.append(connection)
         connection.target.busy += 1
         connection.send(line)
         return None
@@ -922,10 +925,11 @@ class TaskClient:
     def _reply_received(
         self, connection: TaskClientProtocol, reply: wire.Result | wire.ErrorReply | wire.Progress
     ) -> None:
-        ahead = connection.next
-        if ahead is not None and reply.id == ahead.id and not isinstance(reply, wire.Progress):
-            self._ahead_answered(connection, ahead, reply)
-            return
+        if connection.ahead and not isinstance(reply, wire.Progress):
+            for ahead in connection.ahead:
+                if reply.id == ahead.id:
+                    self._ahead_answered(connection, ahead, reply)
+                    return
         call = connection.call
         if call is None or (
             reply.id != call.id and not (reply.id is None and type(reply) is wire.ErrorReply)
@@ -953,7 +957,7 @@ class TaskClient:
             # work.  Drop the connection (an idle worker accepts the next one) and
             # send the request again, ahead of the calls waiting.  A call sent
             # behind it gets its own answer first.
-            if connection.next is None:
+            if not connection.ahead:
                 self._retire(connection)
             else:
                 self._promote(connection)
@@ -963,7 +967,7 @@ class TaskClient:
         # Free the connection first so that waiting calls keep their place in line
         # ahead of any call the caller makes when its Deferred fires.
         if not self._closed:
-            if connection.next is not None:
+            if connection.ahead:
                 self._promote(connection)
                 self._dispatch()
             else:
@@ -977,9 +981,8 @@ class TaskClient:
 
     def _promote(self, connection: TaskClientProtocol) -> None:
         """The call sent ahead on ``connection`` is now the one its worker runs."""
-        connection.call, connection.next = connection.next, None
-        if self._prefetch:
-            self._prefetchable.append(connection)
+        connection.call = connection.ahead.popleft()
+        self._prefetchable.append(connection)
 
     def _ahead_answered(
         self, connection: TaskClientProtocol, call: _Call, reply: wire.Result | wire.ErrorReply
@@ -988,7 +991,7 @@ class TaskClient:
         A final reply to the call sent ahead, before the current call's: it was
         cancelled, or handed back, before it ran.
         """
-        connection.next = None
+        connection.ahead.remove(call)
         connection.target.busy -= 1
         call.connection = None
         state = call.state
@@ -1056,20 +1059,18 @@ class TaskClient:
     def _goodbye(self, connection: TaskClientProtocol) -> None:
         """The worker closes this connection and read nothing after its goodbye."""
         self._retire(connection)
-        ahead = connection.next
-        if ahead is not None:
-            # Resent after the call ahead of it, which goes first in line.
-            connection.next = None
-            connection.target.busy -= 1
-            ahead.connection = None
-            self._resend(ahead, ahead.state)
-        call = connection.call
-        if call is not None:
-            connection.call = None
+        unrun = [c for c in (connection.call, *connection.ahead) if c is not None]
+        connection.call = None
+        connection.ahead.clear()
+        # Back to the head of the line in the order they were sent.
+        for call in reversed(unrun):
             connection.target.busy -= 1
             call.connection = None
-            self._resend(call, call.state)
-        elif not self._closed:
+            if call.state == _SENT and not self._closed:
+                self._requeue(call)
+            else:
+                call.state = _FINISHED
+        if not self._closed:
             self._dispatch()
 
     def _forget(self, connection: TaskClientProtocol) -> None:
@@ -1099,8 +1100,7 @@ class TaskClient:
         if connection in self._idle:
             self._idle.remove(connection)
         connection.close()
-        lost_ahead = self._drop_ahead(connection, f"bad reply: {why}")
-        if lost_ahead is not None:
+        for lost_ahead in self._drop_ahead(connection, f"bad reply: {why}"):
             self._answer(
                 lost_ahead,
                 TaskError(wire.WORKER_LOST, f"bad reply from {connection.target}: {why}"),
@@ -1121,25 +1121,26 @@ class TaskClient:
             message = f"bad reply from {connection.target}: {why}"
             self._answer(call, TaskError(wire.WORKER_LOST, message))
 
-    def _drop_ahead(self, connection: TaskClientProtocol, why: str) -> _Call | None:
+    def _drop_ahead(self, connection: TaskClientProtocol, why: str) -> list[_Call]:
         """
-        Detach the call sent ahead on a connection that is lost or dropped.  It
-        may have started (the reply to the call before it may be what was lost),
-        so it is sent again only if idempotent, like a running call.
+        Detach the calls sent ahead on a connection that is lost or dropped.
+        They may have started (the reply to the call before one may be what was
+        lost), so each is sent again only if idempotent, like a running call.
 
-        :return: the call if its caller is to get ``worker_lost``, else ``None``.
+        :return: the calls whose callers are to get ``worker_lost``.
         """
-        ahead = connection.next
-        if ahead is None:
-            return None
-        connection.next = None
-        connection.target.busy -= 1
-        ahead.connection = None
-        if ahead.state == _SENT and self._may_retry(ahead, connection.target):
-            self._retry(ahead, connection, why)
-            return None
-        lost = ahead if ahead.state == _SENT else None
-        ahead.state = _FINISHED
+        lost: list[_Call] = []
+        for ahead in reversed(connection.ahead):
+            connection.target.busy -= 1
+            ahead.connection = None
+            if ahead.state == _SENT and self._may_retry(ahead, connection.target):
+                self._retry(ahead, connection, why)
+                continue
+            if ahead.state == _SENT:
+                lost.append(ahead)
+            ahead.state = _FINISHED
+        connection.ahead.clear()
+        lost.reverse()
         return lost
 
     def _connection_lost(self, connection: TaskClientProtocol, reason: Failure) -> None:
@@ -1175,7 +1176,7 @@ class TaskClient:
             self._check_closed()
         else:
             self._dispatch()
-        for dropped in (lost, lost_ahead):
+        for dropped in (lost, *lost_ahead):
             if dropped is not None:
                 message = (
                     f"lost the connection to {connection.target} with the request in "

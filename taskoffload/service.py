@@ -49,8 +49,8 @@ class GatewayService(Service):
     :param pool_service: the pool in this process (role all): its address is
         used, and its state shown in ``/status``.
     :param access: who may use the site; by default anyone.
-    :param prefetch: the gateway's ``TaskClient`` sends calls ahead to busy
-        workers (see :class:`~taskoffload.client.TaskClient`).
+    :param prefetch: how many calls the gateway's ``TaskClient`` may send ahead
+        to each busy worker (see :class:`~taskoffload.client.TaskClient`).
     """
 
     def __init__(
@@ -64,7 +64,7 @@ class GatewayService(Service):
         reactor: Any = None,
         access: GatewayAccess | None = None,
         secret: bytes | None = None,
-        prefetch: bool = False,
+        prefetch: int = 0,
     ) -> None:
         self.secret = secret
         self.prefetch = prefetch

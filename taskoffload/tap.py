@@ -37,6 +37,13 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _non_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise ValueError("must be 0 or more")
+    return number
+
+
 def _positive_float(value: str) -> float:
     number = float(value)
     if not number > 0:
@@ -59,14 +66,6 @@ class Options(usage.Options):
     )
 
     optFlags: list[list[Any]] = [
-        [
-            "prefetch",
-            None,
-            "Gateway: while tasks wait for a free worker, send one ahead to each busy "
-            "worker, which starts it as soon as its current task ends. Faster bursts; "
-            "a prefetched task waits behind a long one, and fails with worker_lost if "
-            "that worker is lost (see docs/performance.rst).",
-        ],
         [
             "insecure",
             None,
@@ -150,6 +149,16 @@ class Options(usage.Options):
             100_000,
             "Gateway: requests all clients together may have in flight.",
             _positive_int,
+        ],
+        [
+            "prefetch",
+            None,
+            0,
+            "Gateway: while tasks wait for a free worker, send up to this many ahead "
+            "to each busy worker, which starts each as soon as the task before it "
+            "ends. Faster bursts; a prefetched task waits behind a long one, and "
+            "fails with worker_lost if that worker is lost (docs/gateway.rst).",
+            _non_negative_int,
         ],
         [
             "auto-ping",
@@ -426,6 +435,6 @@ def makeService(options: Options) -> IService:
         stop_timeout=options["stop-timeout"],
         access=options.gateway_access(),
         secret=options["secret"],
-        prefetch=bool(options["prefetch"]),
+        prefetch=options["prefetch"],
     ).setServiceParent(top)
     return top

@@ -1173,7 +1173,7 @@ def test_client_without_secret_says_why_it_cannot_connect() -> None:
 
 def prefetching_pool(slots: int = 1, retry: Sequence[str] = ()) -> tuple[Pool, Worker, Outcome]:
     """A prefetching client whose pool said it has ``slots``; one call is running."""
-    pool = Pool(prefetch=True)
+    pool = Pool(prefetch=1)
     first = Outcome(pool.client.call("noop"))
     worker = pool.accept(0, slots=slots, retry=retry)
     return pool, worker, first
@@ -1285,3 +1285,29 @@ def test_goodbye_resends_the_prefetched_call() -> None:
     other.reply({"id": 1, "result": "a"})
     other.reply({"id": 2, "result": "b"})
     assert (first.result, second.result) == ("a", "b")
+
+
+def test_prefetch_depth_fills_connections_in_turn() -> None:
+    """With prefetch=2, waiting calls go ahead one per busy connection before a second each."""
+    pool = Pool(prefetch=2)
+    first = [Outcome(pool.client.call("noop")) for _ in range(2)]
+    workers = [pool.accept(0, slots=2), pool.accept(1, slots=2)]
+    later = [Outcome(pool.client.call("noop")) for _ in range(5)]
+    assert [requests(w) for w in workers] == [[1, 3, 5], [2, 4, 6]]
+    assert pool.client.capacity() == 6
+    # Lost with its worker: the running call and both sent ahead of it.
+    workers[0].drop(ConnectionLost("killed"))
+    assert [o.error.code for o in (first[0], later[0], later[2])] == [wire.WORKER_LOST] * 3
+    assert not later[4].fired
+    workers[1].reply({"id": 2, "result": "b"})
+    assert first[1].result == "b"
+    # The waiting call goes to the connection opened in the lost one's place,
+    # not ahead on the busy one.
+    assert requests(workers[1]) == [2, 4, 6]
+    assert requests(pool.accept(2, slots=2)) == [7]
+
+
+def test_prefetch_must_not_be_negative() -> None:
+    """A negative prefetch is refused."""
+    with pytest.raises(ValueError, match="prefetch"):
+        TaskClient(MemoryReactorClock(), [ADDRESS], prefetch=-1)

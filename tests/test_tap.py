@@ -198,10 +198,10 @@ def test_make_service_gateway() -> None:
 
 
 def test_prefetch_option_reaches_the_gateway() -> None:
-    """--prefetch makes the gateway's TaskClient prefetch; it is off by default."""
+    """--prefetch N makes the gateway's TaskClient prefetch; it is off by default."""
     from taskoffload.service import GatewayService
 
-    for flags, expected in [((), False), (("--prefetch",), True)]:
+    for flags, expected in [((), 0), (("--prefetch=2",), 2)]:
         top = tap.makeService(parse("--role=gateway", *flags))
         [gateway] = list(top)
         assert isinstance(gateway, GatewayService)

@@ -77,7 +77,13 @@ def test_kill_storm_with_prefetch(tmp_path):
     """The same storm with --prefetch: each request still gets exactly one final reply;
     a kill may now also fail the request prefetched behind the running one."""
     counts = faults.kill_storm(
-        4.0, clients=20, count=8, deadline=10.0, seed=6, directory=tmp_path, options=["--prefetch"]
+        4.0,
+        clients=20,
+        count=8,
+        deadline=10.0,
+        seed=6,
+        directory=tmp_path,
+        options=["--prefetch", "1"],
     )
     print(f"\nkill storm with prefetch: {json.dumps(counts)}")
     assert counts["kills"] >= 10
