@@ -104,11 +104,23 @@ START_TIMEOUT = 90.0
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
+def free_ports(count: int) -> list[int]:
+    """``count`` different TCP ports on 127.0.0.1 that nothing listens on right now."""
+    sockets = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+        return [int(s.getsockname()[1]) for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 free at the time of asking."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    return free_ports(1)[0]
 
 
 def twistd_command(*args: str) -> list[str]:
@@ -359,10 +371,7 @@ def start_all(
 
     :return: the service and its WebSocket URL.
     """
-    port = free_port()
-    pool_port = free_port()
-    while pool_port == port:
-        pool_port = free_port()
+    port, pool_port = free_ports(2)
     args = [
         f"--count={options.count}",
         "--listen",

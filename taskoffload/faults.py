@@ -51,7 +51,6 @@ import os
 import random
 import re
 import signal
-import socket
 import statistics
 import struct
 import subprocess
@@ -64,7 +63,7 @@ from pathlib import Path
 from typing import Any
 
 from taskoffload import wire
-from taskoffload.bench import children, group_pids, read_text, twistd_command
+from taskoffload.bench import children, free_ports, group_pids, read_text, twistd_command
 from taskoffload.bench import percentile as bench_percentile
 from taskoffload.tap import raise_open_files_limit
 
@@ -104,20 +103,6 @@ class FaultSetupError(RuntimeError):
 
 
 # Processes
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` different TCP ports on 127.0.0.1 that nothing listens on right now."""
-    sockets = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [int(s.getsockname()[1]) for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 class Tree:

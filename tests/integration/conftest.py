@@ -20,12 +20,9 @@ from pathlib import Path
 import psutil
 import pytest
 
+from taskoffload.bench import free_port, free_ports
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+__all__ = ["free_port", "free_ports"]  # for the test modules, which import them from here
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.02, what: str = "condition"):

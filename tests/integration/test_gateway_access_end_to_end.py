@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Twistd, free_port
+from conftest import Twistd, free_ports
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -28,23 +28,13 @@ from websockets.exceptions import InvalidStatus
 TOKEN = "Zq8-access-token-4242-unmistakable"
 
 
-def _ports(count: int) -> list[int]:
-    """``count`` different free ports."""
-    ports: list[int] = []
-    while len(ports) < count:
-        port = free_port()
-        if port not in ports:
-            ports.append(port)
-    return ports
-
-
 def start_gateway(
     start, tmp_path: Path, *extra: str, listen: str = "tcp:{port}:interface=127.0.0.1"
 ) -> tuple[Twistd, int]:
     """Role all with one worker, the token in a file, and ``extra`` options. :return: tree, port."""
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
-    port, pool_port = _ports(2)
+    port, pool_port = free_ports(2)
     tree = start(
         "--count=1",
         "--listen",

@@ -21,7 +21,7 @@ from typing import Any
 import psutil
 import pytest
 from aiosmtpd.controller import Controller
-from conftest import Twistd, free_port, wait_for
+from conftest import Twistd, free_port, free_ports, wait_for
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -31,19 +31,9 @@ MIB = 1024 * 1024
 # Processes
 
 
-def _ports(count: int) -> list[int]:
-    """``count`` different free ports."""
-    ports: list[int] = []
-    while len(ports) < count:
-        port = free_port()
-        if port not in ports:
-            ports.append(port)
-    return ports
-
-
 def start_all(start, count: int = 4, *extra: str) -> tuple[Twistd, int]:
     """Role all (pool + gateway in one twistd); wait until both serve. :return: tree, gateway port."""
-    port, pool_port = _ports(2)
+    port, pool_port = free_ports(2)
     tree = start(
         f"--count={count}",
         "--listen",
@@ -447,7 +437,7 @@ def test_pool_loss_fails_pending_requests_and_gateway_recovers(twistd_trees):
 @pytest.mark.slow
 def test_graceful_stop_of_one_of_two_pools_loses_nothing(twistd_trees):
     """Two pools under load, one stopped with SIGTERM mid-run: every request still succeeds."""
-    port_a, port_b = _ports(2)
+    port_a, port_b = free_ports(2)
     pool_a = start_pool(twistd_trees, port_a, 4)
     pool_b = start_pool(twistd_trees, port_b, 4)
     workers_a, workers_b = pool_a.worker_pids(), pool_b.worker_pids()

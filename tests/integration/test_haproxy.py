@@ -20,18 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Twistd, free_port, wait_for
+from conftest import Twistd, free_ports, wait_for
 from websockets.asyncio.client import connect
-
-
-def _ports(count: int) -> list[int]:
-    """``count`` different free ports."""
-    ports: list[int] = []
-    while len(ports) < count:
-        port = free_port()
-        if port not in ports:
-            ports.append(port)
-    return ports
 
 
 def haproxy_config(port: int, pools: dict[str, int], stats: Path) -> str:
@@ -176,7 +166,7 @@ def test_stopping_one_of_two_pools_behind_haproxy_leaves_no_request_unanswered(
     twistd_trees, haproxy, drain_first
 ):
     """Load through gateway, HAProxy and two pools; one pool stops mid-run: one reply each."""
-    port_a, port_b, proxy_port, gateway_port = _ports(4)
+    port_a, port_b, proxy_port, gateway_port = free_ports(4)
     pool_a = start_pool(twistd_trees, port_a, 2)
     pool_b = start_pool(twistd_trees, port_b, 2)
     workers_a, workers_b = pool_a.worker_pids(), pool_b.worker_pids()
