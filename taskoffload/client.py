@@ -468,9 +468,10 @@ class TaskClient:
         self._closed = False
         self._close_waiters: list[Deferred[None]] = []
         self._prefetch = prefetch
-        # Connections that may take a prefetched call: checked when taken, so a
-        # connection that changed since it was put here is skipped then.
-        self._prefetchable: deque[TaskClientProtocol] = deque()
+        # Busy connections with room for a prefetched call, in the order they got
+        # it (a dict as an ordered set: each at most once, forgotten with it; one
+        # whose call was answered since is skipped when reached).
+        self._prefetchable: dict[TaskClientProtocol, None] = {}
 
     # ITaskPool
 
@@ -621,21 +622,23 @@ class TaskClient:
     def _prefetch_calls(self) -> None:
         """Send waiting calls ahead on busy connections, but those opening connections will take."""
         while self._queued > len(self._connects) and self._prefetchable:
-            connection = self._prefetchable.popleft()
-            if (
-                connection.call is None
-                or len(connection.ahead) >= self._prefetch
-                or connection.lost
-                or connection not in self._connections
-            ):
-                continue
+            connection = next(iter(self._prefetchable))
+            del self._prefetchable[connection]
+            if connection.call is None or len(connection.ahead) >= self._prefetch:
+                continue  # its call was answered (it is idle) since it was offered
             call = self._next_waiting()
             if call is None:
                 return
             error = self._send(connection, call, ahead=True)
             if error is not None:
-                self._prefetchable.appendleft(connection)
+                self._offer(connection)
                 self._answer(call, error)
+
+    def _offer(self, connection: TaskClientProtocol) -> None:
+        """Let a busy connection take prefetched calls, if it has room for one."""
+        if connection.call is not None and len(connection.ahead) < self._prefetch:
+            # Appended last: one call ahead on each busy connection before a second.
+            self._prefetchable[connection] = None
 
     def _next_waiting(self) -> _Call | None:
         """Take the oldest waiting call out of the line."""
@@ -698,9 +701,7 @@ class TaskClient:
             connection.ahead.append(call)
         else:
             connection.call = call
-        if len(connection.ahead) < self._prefetch:
-            # Round robin: one call ahead on each busy connection before a second.
-            self._prefetchable.append(connection)
+        self._offer(connection)
         connection.target.busy += 1
         connection.send(line)
         return None
@@ -982,7 +983,7 @@ class TaskClient:
     def _promote(self, connection: TaskClientProtocol) -> None:
         """The call sent ahead on ``connection`` is now the one its worker runs."""
         connection.call = connection.ahead.popleft()
-        self._prefetchable.append(connection)
+        self._offer(connection)
 
     def _ahead_answered(
         self, connection: TaskClientProtocol, call: _Call, reply: wire.Result | wire.ErrorReply
@@ -1004,8 +1005,7 @@ class TaskClient:
             return
         call.state = _FINISHED
         if not self._closed:
-            if self._prefetch and connection.call is not None:
-                self._prefetchable.append(connection)
+            self._offer(connection)
             self._dispatch()
         if state == _SENT:
             if type(reply) is wire.Result:
@@ -1085,6 +1085,7 @@ class TaskClient:
                     del target.workers[connection.worker]
         if connection in self._idle:
             self._idle.remove(connection)
+        self._prefetchable.pop(connection, None)
 
     def _retire(self, connection: TaskClientProtocol) -> None:
         """Close a connection that has nothing in flight, and stop counting it."""
@@ -1099,6 +1100,7 @@ class TaskClient:
         )
         if connection in self._idle:
             self._idle.remove(connection)
+        self._prefetchable.pop(connection, None)
         connection.close()
         for lost_ahead in self._drop_ahead(connection, f"bad reply: {why}"):
             self._answer(

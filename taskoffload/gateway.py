@@ -325,6 +325,7 @@ class GatewayProtocol(WebSocketServerProtocol):
             for d in pending.deferreds:
                 d.cancel()
         self.factory.active.discard(self)
+        self.factory.held.discard(self)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if isBinary:
@@ -477,11 +478,6 @@ class GatewayProtocol(WebSocketServerProtocol):
     # batch of thousands, say) queues behind itself, and another client's call
     # takes the next free slot instead of waiting behind the whole burst.
 
-    @property
-    def has_waiting(self) -> bool:
-        """Calls of this client wait for their share of the pool."""
-        return bool(self._waiting)
-
     def admit(self) -> None:
         """Hand the pool what waiting calls this client's share allows."""
         if getattr(self, "_open", False):
@@ -510,8 +506,12 @@ class GatewayProtocol(WebSocketServerProtocol):
                 on_progress=ticket.on_progress,
             )
             ticket.submitted.addBoth(self._ticket_done, ticket)
-        if not self._waiting and not self._submitted:
-            self.factory.active.discard(self)
+        if self._waiting:
+            self.factory.held.add(self)
+        else:
+            self.factory.held.discard(self)
+            if not self._submitted:
+                self.factory.active.discard(self)
 
     def _ticket_done(self, outcome: Any, ticket: _Ticket) -> None:
         self._submitted -= 1
@@ -522,11 +522,11 @@ class GatewayProtocol(WebSocketServerProtocol):
             else:
                 ticket.outcome.callback(outcome)
         self._admit()
-        if not self._waiting:
-            # A slot this client no longer needs: the others' shares may have
-            # grown with it (one fewer active client), so let them take it now
-            # rather than when their own calls next finish.
-            self.factory.admit_waiting(self)
+        if self.factory.held and self not in self.factory.active:
+            # This client has left: the others' shares grew (one fewer active
+            # client), so those held back take the freed slots now rather than
+            # when their own calls next finish.
+            self.factory.admit_held()
 
     def _cancel_ticket(self, ticket: _Ticket) -> None:
         if ticket.submitted is not None:
@@ -546,8 +546,10 @@ class GatewayProtocol(WebSocketServerProtocol):
                 ticket.timer = None
             if not ticket.outcome.called:
                 ticket.outcome.errback(error)
-            if not self._waiting and not self._submitted:
-                self.factory.active.discard(self)
+            if not self._waiting:
+                self.factory.held.discard(self)
+                if not self._submitted:
+                    self.factory.active.discard(self)
 
     def _single(self, pending: _Pending, request: wire.Request) -> None:
         def progress(value: Any) -> None:
@@ -673,6 +675,8 @@ class GatewayFactory(WebSocketServerFactory):
         self.stats = stats or GatewayStats()
         #: Clients with calls waiting or running, among which the pool is shared.
         self.active: set[GatewayProtocol] = set()
+        #: Of those, the clients with calls waiting beyond their share.
+        self.held: set[GatewayProtocol] = set()
         self.setProtocolOptions(
             maxMessagePayloadSize=self.limits.max_message,
             maxFramePayloadSize=self.limits.max_message,
@@ -683,11 +687,10 @@ class GatewayFactory(WebSocketServerFactory):
             failByDrop=False,
         )
 
-    def admit_waiting(self, freed_by: GatewayProtocol) -> None:
-        """Let active clients with calls waiting take what their shares now allow."""
-        for client in list(self.active):
-            if client is not freed_by and client.has_waiting:
-                client.admit()
+    def admit_held(self) -> None:
+        """Let the clients held back take what their shares now allow."""
+        for client in list(self.held):
+            client.admit()
 
     def share(self) -> int:
         """
