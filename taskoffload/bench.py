@@ -209,44 +209,70 @@ def own_cpu_seconds() -> float:
 
 
 class Service:
-    """A ``twistd`` process tree started for a scenario, ended with its process group."""
+    """
+    One ``twistd -n taskoffload`` process tree, in a session (process group) of
+    its own, logging to a file in ``directory``.
 
-    def __init__(self, args: list[str], directory: str, env: dict[str, str] | None = None) -> None:
-        self.log_path = Path(directory) / f"twistd-{os.getpid()}-{time.monotonic_ns()}.log"
-        self._log = self.log_path.open("wb")
+    :param args: the arguments after ``taskoffload``.
+    :param directory: its working directory, where its log goes.
+    :param env: its environment; by default this process's.
+    :param name: the log file's name, without ``.log``; by default a unique one.
+    """
+
+    def __init__(
+        self,
+        args: Sequence[str],
+        directory: str | Path,
+        env: dict[str, str] | None = None,
+        name: str | None = None,
+    ) -> None:
+        self.args = list(args)
+        name = name or f"twistd-{os.getpid()}-{time.monotonic_ns()}"
+        self.log_path = Path(directory) / f"{name}.log"
         self.started = time.monotonic()
-        self.process = subprocess.Popen(
-            twistd_command(*args),
-            cwd=directory,
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                twistd_command(*self.args),
+                cwd=directory,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
 
     @property
     def pid(self) -> int:
-        """The ``twistd`` process (and process group) id."""
+        """The ``twistd`` process id, which is also the tree's process group id."""
         return self.process.pid
 
     def log(self) -> str:
+        """Everything the tree logged so far."""
         return self.log_path.read_text(errors="replace")
 
+    def alive(self) -> bool:
+        """The ``twistd`` process still runs."""
+        return self.process.poll() is None
+
     def wait_for_log(self, pattern: str, timeout: float) -> re.Match[str]:
+        """
+        :return: the first match of the regular expression ``pattern`` in the log.
+        :raises RuntimeError: if ``twistd`` exits or ``timeout`` s pass first.
+        """
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while True:
             found = re.search(pattern, self.log())
             if found:
                 return found
-            if self.process.poll() is not None:
+            if not self.alive():
                 raise RuntimeError(f"twistd exited:\n{self.log()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no {pattern!r} in {timeout} s:\n{self.log()[-3000:]}")
             time.sleep(0.01)
-        raise RuntimeError(f"timed out waiting for {pattern!r}:\n{self.log()[-3000:]}")
 
     def pids(self) -> list[int]:
-        """Every process in the tree's process group."""
-        return group_pids(self.process.pid)
+        """The live processes of the tree's process group."""
+        return group_pids(self.pid)
 
     def memory_kib(self) -> tuple[int, int]:
         """Total (RSS, PSS) of the tree in KiB."""
@@ -263,22 +289,30 @@ class Service:
                     pss += int(line.split()[1])
         return rss, pss
 
-    def stop(self) -> None:
-        for sig, wait in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
-            try:
-                os.killpg(self.process.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                self.process.wait(timeout=wait)
-            except subprocess.TimeoutExpired:
-                continue
-            deadline = time.monotonic() + wait
-            while self.pids() and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if not self.pids():
-                break
-        self._log.close()
+    def stop(self, timeout: float = 10.0) -> None:
+        """
+        SIGTERM to ``twistd`` alone (it stops its workers), then SIGKILL to whatever
+        of the process group is left after ``timeout`` s; wait, bounded, until the
+        group is gone.
+
+        (Not SIGTERM to the whole group: workers that exit before their supervisor
+        has taken its own SIGTERM are restarted, and a restarted one can miss the
+        supervisor's SIGTERM and hold the stop for ``--stop-timeout``.)
+        """
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=timeout)
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline:
+            if self.pids():
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.pid, signal.SIGKILL)
+            elif not self.alive():
+                return
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=0.05)
 
 
 class CpuMeter:

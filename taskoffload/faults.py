@@ -53,7 +53,6 @@ import re
 import signal
 import statistics
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -63,7 +62,7 @@ from pathlib import Path
 from typing import Any
 
 from taskoffload import wire
-from taskoffload.bench import children, free_ports, group_pids, read_text, twistd_command
+from taskoffload.bench import Service, children, free_ports, group_pids, read_text
 from taskoffload.bench import percentile as bench_percentile
 from taskoffload.tap import raise_open_files_limit
 
@@ -105,9 +104,10 @@ class FaultSetupError(RuntimeError):
 # Processes
 
 
-class Tree:
+class Tree(Service):
     """
-    One ``twistd -n taskoffload`` process tree, in a session of its own.
+    One ``twistd -n taskoffload`` process tree (:class:`~taskoffload.bench.Service`)
+    as the fault scenarios use it.
 
     :param args: the arguments after ``taskoffload``.
     :param directory: its working directory, where its log goes.
@@ -115,73 +115,18 @@ class Tree:
     """
 
     def __init__(self, args: Sequence[str], directory: Path, name: str) -> None:
-        self.args = list(args)
-        self.log_path = directory / f"{name}.log"
-        with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(
-                twistd_command(*self.args),
-                cwd=directory,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
+        super().__init__(args, directory, name=name)
 
-    @property
-    def pid(self) -> int:
-        """The ``twistd`` process id, which is also the tree's process group id."""
-        return self.process.pid
-
-    def log(self) -> str:
-        """Everything the tree logged so far."""
-        return self.log_path.read_text(errors="replace")
-
-    def alive(self) -> bool:
-        """The ``twistd`` process still runs."""
-        return self.process.poll() is None
-
-    def wait_for_log(self, text: str, timeout: float = START_TIMEOUT) -> None:
+    def wait_for_log(self, text: str, timeout: float = START_TIMEOUT) -> re.Match[str]:
         """Wait until ``text`` is in the log; :raises FaultSetupError: if it never comes."""
-        deadline = time.monotonic() + timeout
-        while text not in self.log():
-            if not self.alive():
-                raise FaultSetupError(f"twistd exited early:\n{self.log()[-3000:]}")
-            if time.monotonic() > deadline:
-                raise FaultSetupError(f"no {text!r} in {timeout} s:\n{self.log()[-3000:]}")
-            time.sleep(0.02)
+        try:
+            return super().wait_for_log(re.escape(text), timeout)
+        except RuntimeError as e:
+            raise FaultSetupError(str(e)) from None
 
     def worker_pids(self) -> set[int]:
         """The live worker processes (the fork servers' children)."""
         return {pid for server in children(self.pid) for pid in children(server)}
-
-    def group(self) -> list[int]:
-        """The live processes of the tree's process group."""
-        return group_pids(self.pid)
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """
-        SIGTERM to ``twistd`` alone (it stops its workers), then SIGKILL to whatever
-        of the process group is left after ``timeout`` s; wait, bounded, until the
-        group is gone.
-
-        (Not SIGTERM to the whole group: workers that exit before their supervisor
-        has taken its own SIGTERM are restarted, and a restarted one can miss the
-        supervisor's SIGTERM and hold the stop for ``--stop-timeout``.)
-        """
-        if self.alive():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.process.wait(timeout=timeout)
-        deadline = time.monotonic() + 5.0
-        while time.monotonic() < deadline:
-            if self.group():
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.pid, signal.SIGKILL)
-            elif not self.alive():
-                return
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.process.wait(timeout=0.05)
 
 
 class _Trees:
