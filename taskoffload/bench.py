@@ -538,28 +538,28 @@ def _smtp_sink_main(port: int, delay: float) -> None:
 # WebSocket load
 
 
-def _ws_connect(url: str) -> Any:
-    """Open a WebSocket: no compression, no pings, no proxy, a deep receive queue."""
+def ws_connect(url: str, **options: Any) -> Any:
+    """
+    Open a WebSocket with the ``websockets`` library (an async context): no
+    compression, no pings, no proxy, a deep receive queue, unless ``options``
+    (``websockets`` ``connect`` options) say otherwise.
+    """
     import websockets
     from websockets.asyncio.client import connect
 
-    extra: dict[str, Any] = {}
     if int(websockets.__version__.split(".")[0]) >= 15:
-        extra["proxy"] = None  # loopback, whatever the environment says
-    return connect(
-        url,
-        compression=None,
-        ping_interval=None,
-        max_queue=4096,
-        open_timeout=30,
-        close_timeout=2,
-        **extra,
-    )
+        options.setdefault("proxy", None)  # loopback, whatever the environment says
+    options.setdefault("compression", None)
+    options.setdefault("ping_interval", None)
+    options.setdefault("max_queue", 4096)
+    options.setdefault("open_timeout", 30)
+    options.setdefault("close_timeout", 2)
+    return connect(url, **options)
 
 
 async def _open_clients(url: str, count: int, stack: contextlib.AsyncExitStack) -> list[Any]:
     """``count`` open WebSocket clients, closed when ``stack`` closes."""
-    connections = await asyncio.gather(*(_ws_connect(url) for _ in range(count)))
+    connections = await asyncio.gather(*(ws_connect(url) for _ in range(count)))
     for ws in connections:
         stack.push_async_callback(ws.close)
     return list(connections)
@@ -729,7 +729,7 @@ def _probe_main(url: str, max_calls: int) -> None:
         await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
         latencies: list[float] = []
         errors = 0
-        async with _ws_connect(url) as ws:
+        async with ws_connect(url) as ws:
             # One call first, so the connection is warm before the measured ones.
             await ws.send(_request(0, "noop", {}))
             await ws.recv()

@@ -62,7 +62,7 @@ from pathlib import Path
 from typing import Any
 
 from taskoffload import wire
-from taskoffload.bench import Service, children, free_ports, group_pids, read_text
+from taskoffload.bench import Service, children, free_ports, group_pids, read_text, ws_connect
 from taskoffload.bench import percentile as bench_percentile
 from taskoffload.tap import raise_open_files_limit
 
@@ -251,20 +251,13 @@ async def _status(port: int) -> dict[str, Any] | None:
 def _ws_connect(port: int, **options: Any) -> Any:
     """Open a WebSocket to the gateway with the ``websockets`` library (an async context)."""
     try:
-        import websockets
-        from websockets.asyncio.client import connect
+        import websockets  # noqa: F401  # only to say what is missing
     except ImportError as e:  # pragma: no cover - an install without the bench extra
         raise FaultSetupError(
             "the fault suite needs websockets: pip install 'taskoffload[bench]'"
         ) from e
-    if int(websockets.__version__.split(".")[0]) >= 15:
-        options.setdefault("proxy", None)  # loopback, whatever the environment says
-    options.setdefault("compression", None)
-    options.setdefault("ping_interval", None)
-    options.setdefault("open_timeout", 30)
-    options.setdefault("close_timeout", 2)
     options.setdefault("max_size", 16 * 1024 * 1024)
-    return connect(f"ws://127.0.0.1:{port}/ws", **options)
+    return ws_connect(f"ws://127.0.0.1:{port}/ws", **options)
 
 
 class _Caller:
