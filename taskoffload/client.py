@@ -265,6 +265,15 @@ class _Target:
         return str(self.address)
 
 
+def _handed_back(reply: wire.Reply) -> bool:
+    """The worker did not run the request: it was busy with another connection's."""
+    return (
+        type(reply) is wire.ErrorReply
+        and reply.code == wire.OVERLOADED
+        and reply.type == wire.WORKER_BUSY
+    )
+
+
 _SESSION: Final = wire.encode_session(wire.Session(reject_when_busy=True))
 
 
@@ -655,17 +664,12 @@ class TaskClient:
     def _use(self, connection: TaskClientProtocol) -> None:
         """Send the oldest waiting call on a free connection, or let it idle."""
         failed: list[tuple[_Call, TaskError]] = []
-        while self._queued:
-            call = self._queue.popleft()
-            if call.state != _QUEUED:
-                continue
-            self._queued -= 1
+        while (call := self._next_waiting()) is not None:
             error = self._send(connection, call)
             if error is None:
                 break
             failed.append((call, error))
         else:
-            self._queue.clear()
             connection.idle_since = self._reactor.seconds()
             self._idle.append(connection)
             if self._idle_timer is None:
@@ -938,7 +942,7 @@ class TaskClient:
             # An id-less error answers a request the worker could not read at all.
             self._bad_reply(connection, f"a reply to request {reply.id!r}, which is not in flight")
             return
-        if type(reply) is wire.Progress:
+        if isinstance(reply, wire.Progress):
             if call.state == _SENT and call.on_progress is not None:
                 try:
                     call.on_progress(reply.progress)
@@ -949,11 +953,7 @@ class TaskClient:
         connection.target.busy -= 1
         state = call.state
         call.connection = None
-        if (
-            type(reply) is wire.ErrorReply
-            and reply.code == wire.OVERLOADED
-            and reply.type == wire.WORKER_BUSY
-        ):
+        if _handed_back(reply):
             # The request did not run: this connection's worker is busy with other
             # work.  Drop the connection (an idle worker accepts the next one) and
             # send the request again, ahead of the calls waiting.  A call sent
@@ -974,11 +974,15 @@ class TaskClient:
             else:
                 self._use(connection)
         if state == _SENT:
-            if type(reply) is wire.Result:
-                self._answer(call, reply.result)
-            else:
-                assert isinstance(reply, wire.ErrorReply)
-                self._answer(call, TaskError.from_reply(reply))
+            self._answer_reply(call, reply)
+
+    def _answer_reply(self, call: _Call, reply: wire.Result | wire.ErrorReply) -> None:
+        """Fire ``call``'s Deferred with what its final reply says."""
+        if type(reply) is wire.Result:
+            self._answer(call, reply.result)
+        else:
+            assert isinstance(reply, wire.ErrorReply)
+            self._answer(call, TaskError.from_reply(reply))
 
     def _promote(self, connection: TaskClientProtocol) -> None:
         """The call sent ahead on ``connection`` is now the one its worker runs."""
@@ -996,11 +1000,7 @@ class TaskClient:
         connection.target.busy -= 1
         call.connection = None
         state = call.state
-        if (
-            type(reply) is wire.ErrorReply
-            and reply.code == wire.OVERLOADED
-            and reply.type == wire.WORKER_BUSY
-        ):
+        if _handed_back(reply):
             self._resend(call, state)
             return
         call.state = _FINISHED
@@ -1008,11 +1008,7 @@ class TaskClient:
             self._offer(connection)
             self._dispatch()
         if state == _SENT:
-            if type(reply) is wire.Result:
-                self._answer(call, reply.result)
-            else:
-                assert isinstance(reply, wire.ErrorReply)
-                self._answer(call, TaskError.from_reply(reply))
+            self._answer_reply(call, reply)
 
     def _resend(self, call: _Call, state: int) -> None:
         """Put a call that was sent but did not run back at the head of the line."""
