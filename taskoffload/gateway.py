@@ -506,6 +506,10 @@ class GatewayProtocol(WebSocketServerProtocol):
                 on_progress=ticket.on_progress,
             )
             ticket.submitted.addBoth(self._ticket_done, ticket)
+        self._update_sharing()
+
+    def _update_sharing(self) -> None:
+        """Keep the factory's ``active`` and ``held`` sets true of this client."""
         if self._waiting:
             self.factory.held.add(self)
         else:
@@ -546,10 +550,7 @@ class GatewayProtocol(WebSocketServerProtocol):
                 ticket.timer = None
             if not ticket.outcome.called:
                 ticket.outcome.errback(error)
-            if not self._waiting:
-                self.factory.held.discard(self)
-                if not self._submitted:
-                    self.factory.active.discard(self)
+            self._update_sharing()
 
     def _single(self, pending: _Pending, request: wire.Request) -> None:
         def progress(value: Any) -> None:
