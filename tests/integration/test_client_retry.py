@@ -8,10 +8,10 @@ import time
 from pathlib import Path
 
 import pytest
-import pytest_twisted
 from twisted.internet import task
 
 from taskoffload.client import TaskClient, TaskError
+from tests.integration.support import IntegrationTestCase
 
 # Each task appends its worker's pid to ``marker`` as it starts, so the test knows
 # which worker to kill (and when the task is running), and how often it ran.
@@ -42,16 +42,6 @@ def slow_pid_once(seconds, marker):
 '''
 
 
-@pytest.fixture
-def retry_pool(pool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """A pool of two workers serving ``retry_tasks``, written into ``tmp_path``."""
-    (tmp_path / "retry_tasks.py").write_text(TASKS)
-    path = [str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")])]
-    # twistd inherits the environment, and the workers the supervisor's sys.path.
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(path))
-    return pool(2, "--tasks=retry_tasks")
-
-
 def _client(port: int) -> TaskClient:
     from twisted.internet import reactor
 
@@ -78,42 +68,49 @@ async def _poll(predicate, timeout: float, what: str):
     return value
 
 
-@pytest_twisted.ensureDeferred
-async def test_idempotent_task_survives_its_worker(retry_pool, tmp_path):
-    """SIGKILL of the worker running a retry=True task: the call succeeds on another worker."""
-    tree, port = retry_pool
-    marker = tmp_path / "slow_pid.started"
-    client = _client(port)
-    try:
-        call = client.send_task(
-            "slow_pid", kwargs={"seconds": 1.0, "marker": str(marker)}, timeout=10
-        )
-        [victim] = await _poll(lambda: _started(marker), 5, "the task to start")
-        assert victim in tree.worker_pids()
-        os.kill(victim, signal.SIGKILL)
-        pid = await call
-        assert pid != victim
-        assert _started(marker) == [victim, pid]
-    finally:
-        await client.close()
+class ClientRetryTests(IntegrationTestCase):
+    """Tests of client retry."""
 
+    def retry_pool(self):
+        """A pool of two workers serving ``retry_tasks``, written into the test's directory."""
+        (self.tmp_path / "retry_tasks.py").write_text(TASKS)
+        # twistd inherits the environment, and the workers the supervisor's sys.path.
+        self.add_pythonpath(self.tmp_path)
+        return self.pool(2, "--tasks=retry_tasks")
 
-@pytest_twisted.ensureDeferred
-async def test_other_task_fails_with_its_worker(retry_pool, tmp_path):
-    """SIGKILL of the worker running a task without retry: the call fails with worker_lost."""
-    tree, port = retry_pool
-    marker = tmp_path / "slow_pid_once.started"
-    client = _client(port)
-    try:
-        call = client.send_task(
-            "slow_pid_once", kwargs={"seconds": 1.0, "marker": str(marker)}, timeout=10
-        )
-        [victim] = await _poll(lambda: _started(marker), 5, "the task to start")
-        assert victim in tree.worker_pids()
-        os.kill(victim, signal.SIGKILL)
-        with pytest.raises(TaskError) as raised:
-            await call
-        assert raised.value.code == "worker_lost"
-        assert _started(marker) == [victim]
-    finally:
-        await client.close()
+    async def test_idempotent_task_survives_its_worker(self):
+        """SIGKILL of the worker running a retry=True task: the call succeeds on another worker."""
+        tree, port = self.retry_pool()
+        marker = self.tmp_path / "slow_pid.started"
+        client = _client(port)
+        try:
+            call = client.send_task(
+                "slow_pid", kwargs={"seconds": 1.0, "marker": str(marker)}, timeout=10
+            )
+            [victim] = await _poll(lambda: _started(marker), 5, "the task to start")
+            assert victim in tree.worker_pids()
+            os.kill(victim, signal.SIGKILL)
+            pid = await call
+            assert pid != victim
+            assert _started(marker) == [victim, pid]
+        finally:
+            await client.close()
+
+    async def test_other_task_fails_with_its_worker(self):
+        """SIGKILL of the worker running a task without retry: the call fails with worker_lost."""
+        tree, port = self.retry_pool()
+        marker = self.tmp_path / "slow_pid_once.started"
+        client = _client(port)
+        try:
+            call = client.send_task(
+                "slow_pid_once", kwargs={"seconds": 1.0, "marker": str(marker)}, timeout=10
+            )
+            [victim] = await _poll(lambda: _started(marker), 5, "the task to start")
+            assert victim in tree.worker_pids()
+            os.kill(victim, signal.SIGKILL)
+            with pytest.raises(TaskError) as raised:
+                await call
+            assert raised.value.code == "worker_lost"
+            assert _started(marker) == [victim]
+        finally:
+            await client.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 
-from conftest import LineClient, wait_for
+from tests.integration.support import IntegrationTestCase, LineClient, wait_for
 
 TASKS = """
 import signal
@@ -33,10 +33,10 @@ def noop():
 """
 
 
-def _start(pool, tmp_path, monkeypatch, *extra):
-    (tmp_path / "deadline_tasks.py").write_text(TASKS)
-    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
-    return pool(1, "--tasks", "deadline_tasks", *extra)
+def _start(case: IntegrationTestCase, *extra: str):
+    (case.tmp_path / "deadline_tasks.py").write_text(TASKS)
+    case.setenv("PYTHONPATH", str(case.tmp_path))
+    return case.pool(1, "--tasks", "deadline_tasks", *extra)
 
 
 def _call(port: int, function: str, **fields) -> LineClient:
@@ -45,40 +45,41 @@ def _call(port: int, function: str, **fields) -> LineClient:
     return client
 
 
-def test_spinning_task_times_out_and_slot_serves_again(pool, tmp_path, monkeypatch):
-    """A task that never returns, called with timeout=1, gets ``timeout`` after about
-    1 s and the worker serves again at once."""
-    _, port = _start(pool, tmp_path, monkeypatch)
-    started = time.monotonic()
-    reply = _call(port, "spin", timeout=1).reply()
-    elapsed = time.monotonic() - started
-    assert reply["error"]["code"] == "timeout"
-    assert 0.9 < elapsed < 2.0, elapsed
-    assert _call(port, "noop").reply() == {"id": 1, "result": None}
-    assert time.monotonic() - started < 3.0
+class DeadlineTests(IntegrationTestCase):
+    """Tests of deadlines."""
 
+    def test_spinning_task_times_out_and_slot_serves_again(self):
+        """A task that never returns, called with timeout=1, gets ``timeout`` after about
+        1 s and the worker serves again at once."""
+        _, port = _start(self)
+        started = time.monotonic()
+        reply = _call(port, "spin", timeout=1).reply()
+        elapsed = time.monotonic() - started
+        assert reply["error"]["code"] == "timeout"
+        assert 0.9 < elapsed < 2.0, elapsed
+        assert _call(port, "noop").reply() == {"id": 1, "result": None}
+        assert time.monotonic() - started < 3.0
 
-def test_task_timeout_option_applies_to_calls_without_one(pool, tmp_path, monkeypatch):
-    """--task-timeout bounds a call that gives no timeout of its own."""
-    _, port = _start(pool, tmp_path, monkeypatch, "--task-timeout", "1")
-    reply = _call(port, "spin").reply()
-    assert reply["error"]["code"] == "timeout"
+    def test_task_timeout_option_applies_to_calls_without_one(self):
+        """--task-timeout bounds a call that gives no timeout of its own."""
+        _, port = _start(self, "--task-timeout", "1")
+        reply = _call(port, "spin").reply()
+        assert reply["error"]["code"] == "timeout"
 
+    def test_uninterruptible_task_is_killed_after_grace(self):
+        """A task that cannot be interrupted is killed 1 s after its deadline; its worker
+        is replaced and serves again within 2 s of the deadline."""
+        tree, port = _start(self)
+        (victim,) = tree.worker_pids()
+        client = _call(port, "unstoppable", timeout=1)
+        started = time.monotonic()
+        assert wait_for(client.closed, 10, what="the stuck worker's connection to drop")
+        assert time.monotonic() - started < 3.0
+        tree.wait_for_log(f"(pid {victim}) is still running a task 1.0 s past its deadline")
 
-def test_uninterruptible_task_is_killed_after_grace(pool, tmp_path, monkeypatch):
-    """A task that cannot be interrupted is killed 1 s after its deadline; its worker
-    is replaced and serves again within 2 s of the deadline."""
-    tree, port = _start(pool, tmp_path, monkeypatch)
-    (victim,) = tree.worker_pids()
-    client = _call(port, "unstoppable", timeout=1)
-    started = time.monotonic()
-    assert wait_for(client.closed, 10, what="the stuck worker's connection to drop")
-    assert time.monotonic() - started < 3.0
-    tree.wait_for_log(f"(pid {victim}) is still running a task 1.0 s past its deadline")
+        def fresh_worker_serves():
+            return _call(port, "noop").reply() == {"id": 1, "result": None}
 
-    def fresh_worker_serves():
-        return _call(port, "noop").reply() == {"id": 1, "result": None}
-
-    assert wait_for(fresh_worker_serves, 5, what="a replacement worker")
-    assert time.monotonic() - started < 3.5
-    assert victim not in tree.worker_pids()
+        assert wait_for(fresh_worker_serves, 5, what="a replacement worker")
+        assert time.monotonic() - started < 3.5
+        assert victim not in tree.worker_pids()

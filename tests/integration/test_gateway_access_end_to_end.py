@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Twistd, free_ports
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
+
+from tests.integration.support import IntegrationTestCase, Twistd, free_ports
 
 TOKEN = "Zq8-access-token-4242-unmistakable"
 
@@ -81,80 +82,6 @@ def http_status(url: str, headers: dict[str, str] | None = None) -> int:
         return int(e.code)
 
 
-def test_token_required(twistd, tmp_path: Path) -> None:
-    """Without the token, or with a wrong one, the WebSocket handshake is refused 401."""
-    _, port = start_gateway(twistd, tmp_path)
-    url = f"ws://127.0.0.1:{port}/ws"
-
-    async def scenario() -> None:
-        assert await refused_status(url) == 401
-        assert await refused_status(url + "?token=wrong") == 401
-        assert (
-            await refused_status(url, additional_headers={"Authorization": "Bearer wrong"}) == 401
-        )
-
-    run(scenario())
-
-
-def test_token_presented(twistd, tmp_path: Path) -> None:
-    """The token as a Bearer header or as ?token= opens the WebSocket, and tasks run."""
-    _, port = start_gateway(twistd, tmp_path)
-    url = f"ws://127.0.0.1:{port}/ws"
-
-    async def scenario() -> None:
-        header = {"Authorization": f"Bearer {TOKEN}"}
-        assert await noop(url, additional_headers=header) == {"id": 1, "result": None}
-        assert await noop(f"{url}?token={TOKEN}") == {"id": 1, "result": None}
-
-    run(scenario())
-
-
-def test_status_and_metrics_need_token(twistd, tmp_path: Path) -> None:
-    """/status and /metrics answer 401 without the token, 200 with it; / stays public."""
-    _, port = start_gateway(twistd, tmp_path)
-    base = f"http://127.0.0.1:{port}"
-    for path in ("/status", "/metrics"):
-        assert http_status(base + path) == 401
-        assert http_status(f"{base}{path}?token=wrong") == 401
-        assert http_status(f"{base}{path}?token={TOKEN}") == 200
-        assert http_status(base + path, {"Authorization": f"Bearer {TOKEN}"}) == 200
-    assert http_status(base + "/") == 200
-
-
-def test_foreign_origin_refused(twistd, tmp_path: Path) -> None:
-    """A browser origin not in --allowed-origin is refused 403; a listed one is served."""
-    _, port = start_gateway(twistd, tmp_path, "--allowed-origin", "https://app.example")
-    url = f"ws://127.0.0.1:{port}/ws?token={TOKEN}"
-
-    async def scenario() -> None:
-        assert await refused_status(url, origin="https://evil.example") == 403
-        assert await noop(url, origin="https://app.example") == {"id": 1, "result": None}
-        assert await noop(url) == {"id": 1, "result": None}  # no Origin: not a browser
-
-    run(scenario())
-
-
-def test_token_never_logged(twistd, tmp_path: Path) -> None:
-    """After handshakes and HTTP requests carrying the token, twistd's log never shows it."""
-    tree, port = start_gateway(twistd, tmp_path)
-    base = f"http://127.0.0.1:{port}"
-
-    async def scenario() -> None:
-        assert await noop(f"ws://127.0.0.1:{port}/ws?token={TOKEN}") == {"id": 1, "result": None}
-        header = {"Authorization": f"Bearer {TOKEN}"}
-        assert await noop(f"ws://127.0.0.1:{port}/ws", additional_headers=header)
-        assert await refused_status(f"ws://127.0.0.1:{port}/ws?token={TOKEN}x") == 401
-
-    run(scenario())
-    referer = {"Referer": f"{base}/?token={TOKEN}"}
-    assert http_status(f"{base}/status?token={TOKEN}", referer) == 200
-    assert http_status(f"{base}/metrics?token={TOKEN}x") == 401
-    tree.wait_for_log('"GET /metrics HTTP/1.1" 401')  # the access log is written
-    log = tree.log()
-    assert '"GET /status HTTP/1.1" 200' in log
-    assert TOKEN not in log
-
-
 def self_signed(directory: Path) -> tuple[Path, Path]:
     """A key and a self-signed certificate for 127.0.0.1, in PEM files. :return: both paths."""
     key = ec.generate_private_key(ec.SECP256R1())
@@ -187,25 +114,103 @@ def self_signed(directory: Path) -> tuple[Path, Path]:
     return key_path, cert_path
 
 
-def test_wss(twistd, tmp_path: Path) -> None:
-    """Listening on an ssl: endpoint, the gateway serves wss:// and https:// with the token."""
-    key, cert = self_signed(tmp_path)
-    _, port = start_gateway(
-        twistd,
-        tmp_path,
-        listen=f"ssl:{{port}}:privateKey={key}:certKey={cert}:interface=127.0.0.1",
-    )
-    trusting = ssl.create_default_context(cafile=str(cert))
+class GatewayAccessTests(IntegrationTestCase):
+    """Tests of gateway access end to end."""
 
-    async def scenario() -> None:
-        url = f"wss://127.0.0.1:{port}/ws"
-        reply = await noop(f"{url}?token={TOKEN}", ssl=trusting)
-        assert reply == {"id": 1, "result": None}
-        assert await refused_status(url, ssl=trusting) == 401
+    def test_token_required(self):
+        """Without the token, or with a wrong one, the WebSocket handshake is refused 401."""
+        _, port = start_gateway(self.twistd, self.tmp_path)
+        url = f"ws://127.0.0.1:{port}/ws"
 
-    run(scenario())
-    https = urllib.request.build_opener(
-        urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=trusting)
-    )
-    with https.open(f"https://127.0.0.1:{port}/status?token={TOKEN}", timeout=10) as response:
-        assert json.loads(response.read())["gateway"]["requests"] >= 1
+        async def scenario() -> None:
+            assert await refused_status(url) == 401
+            assert await refused_status(url + "?token=wrong") == 401
+            assert (
+                await refused_status(url, additional_headers={"Authorization": "Bearer wrong"})
+                == 401
+            )
+
+        run(scenario())
+
+    def test_token_presented(self):
+        """The token as a Bearer header or as ?token= opens the WebSocket, and tasks run."""
+        _, port = start_gateway(self.twistd, self.tmp_path)
+        url = f"ws://127.0.0.1:{port}/ws"
+
+        async def scenario() -> None:
+            header = {"Authorization": f"Bearer {TOKEN}"}
+            assert await noop(url, additional_headers=header) == {"id": 1, "result": None}
+            assert await noop(f"{url}?token={TOKEN}") == {"id": 1, "result": None}
+
+        run(scenario())
+
+    def test_status_and_metrics_need_token(self):
+        """/status and /metrics answer 401 without the token, 200 with it; / stays public."""
+        _, port = start_gateway(self.twistd, self.tmp_path)
+        base = f"http://127.0.0.1:{port}"
+        for path in ("/status", "/metrics"):
+            assert http_status(base + path) == 401
+            assert http_status(f"{base}{path}?token=wrong") == 401
+            assert http_status(f"{base}{path}?token={TOKEN}") == 200
+            assert http_status(base + path, {"Authorization": f"Bearer {TOKEN}"}) == 200
+        assert http_status(base + "/") == 200
+
+    def test_foreign_origin_refused(self):
+        """A browser origin not in --allowed-origin is refused 403; a listed one is served."""
+        _, port = start_gateway(
+            self.twistd, self.tmp_path, "--allowed-origin", "https://app.example"
+        )
+        url = f"ws://127.0.0.1:{port}/ws?token={TOKEN}"
+
+        async def scenario() -> None:
+            assert await refused_status(url, origin="https://evil.example") == 403
+            assert await noop(url, origin="https://app.example") == {"id": 1, "result": None}
+            assert await noop(url) == {"id": 1, "result": None}  # no Origin: not a browser
+
+        run(scenario())
+
+    def test_token_never_logged(self):
+        """After handshakes and HTTP requests carrying the token, twistd's log never shows it."""
+        tree, port = start_gateway(self.twistd, self.tmp_path)
+        base = f"http://127.0.0.1:{port}"
+
+        async def scenario() -> None:
+            assert await noop(f"ws://127.0.0.1:{port}/ws?token={TOKEN}") == {
+                "id": 1,
+                "result": None,
+            }
+            header = {"Authorization": f"Bearer {TOKEN}"}
+            assert await noop(f"ws://127.0.0.1:{port}/ws", additional_headers=header)
+            assert await refused_status(f"ws://127.0.0.1:{port}/ws?token={TOKEN}x") == 401
+
+        run(scenario())
+        referer = {"Referer": f"{base}/?token={TOKEN}"}
+        assert http_status(f"{base}/status?token={TOKEN}", referer) == 200
+        assert http_status(f"{base}/metrics?token={TOKEN}x") == 401
+        tree.wait_for_log('"GET /metrics HTTP/1.1" 401')  # the access log is written
+        log = tree.log()
+        assert '"GET /status HTTP/1.1" 200' in log
+        assert TOKEN not in log
+
+    def test_wss(self):
+        """Listening on an ssl: endpoint, the gateway serves wss:// and https:// with the token."""
+        key, cert = self_signed(self.tmp_path)
+        _, port = start_gateway(
+            self.twistd,
+            self.tmp_path,
+            listen=f"ssl:{{port}}:privateKey={key}:certKey={cert}:interface=127.0.0.1",
+        )
+        trusting = ssl.create_default_context(cafile=str(cert))
+
+        async def scenario() -> None:
+            url = f"wss://127.0.0.1:{port}/ws"
+            reply = await noop(f"{url}?token={TOKEN}", ssl=trusting)
+            assert reply == {"id": 1, "result": None}
+            assert await refused_status(url, ssl=trusting) == 401
+
+        run(scenario())
+        https = urllib.request.build_opener(
+            urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=trusting)
+        )
+        with https.open(f"https://127.0.0.1:{port}/status?token={TOKEN}", timeout=10) as response:
+            assert json.loads(response.read())["gateway"]["requests"] >= 1

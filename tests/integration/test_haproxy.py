@@ -6,6 +6,7 @@ a gateway over WebSocket, as ``docs/operations.rst`` describes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -19,9 +20,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-from conftest import Twistd, free_ports, wait_for
 from websockets.asyncio.client import connect
+
+from tests.integration.support import (
+    IntegrationTestCase,
+    Twistd,
+    free_ports,
+    parametrized,
+    wait_for,
+)
 
 
 def haproxy_config(port: int, pools: dict[str, int], stats: Path) -> str:
@@ -131,15 +138,14 @@ class HAProxy:
             self.process.wait(timeout=5)
 
 
-@pytest.fixture
-def haproxy(tmp_path: Path) -> Iterator[Any]:
+@contextlib.contextmanager
+def haproxies(tmp_path: Path) -> Iterator[Any]:
     """Start HAProxy over given pools; it is ended, with its process group, on teardown."""
     executable = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin:/sbin")
     if executable is None:
-        pytest.fail(
+        raise AssertionError(
             "haproxy is not installed: this test runs the real one "
-            "(apt-get install haproxy; .ci/run installs it)",
-            pytrace=False,
+            "(apt-get install haproxy; .ci/run installs it)"
         )
     started: list[HAProxy] = []
 
@@ -160,106 +166,114 @@ def start_pool(start, port: int, count: int) -> Twistd:
     return tree
 
 
-@pytest.mark.timeout(60)
-@pytest.mark.parametrize("drain_first", [True, False], ids=["drained-then-stopped", "stopped"])
-def test_stopping_one_of_two_pools_behind_haproxy_leaves_no_request_unanswered(
-    twistd_trees, haproxy, drain_first
-):
-    """Load through gateway, HAProxy and two pools; one pool stops mid-run: one reply each."""
-    port_a, port_b, proxy_port, gateway_port = free_ports(4)
-    pool_a = start_pool(twistd_trees, port_a, 2)
-    pool_b = start_pool(twistd_trees, port_b, 2)
-    workers_a, workers_b = pool_a.worker_pids(), pool_b.worker_pids()
-    proxy = haproxy(proxy_port, {"a": port_a, "b": port_b})
-    wait_for(
-        lambda: proxy.server_status() == {"a": "UP", "b": "UP"}, 10, what="both pools UP in haproxy"
-    )
-    gateway = twistd_trees(
-        "--role=gateway",
-        "--pool",
-        f"tcp:127.0.0.1:{proxy_port}",
-        "--listen",
-        f"tcp:{gateway_port}:interface=127.0.0.1",
-    )
-    gateway.wait_for_log("Gateway listening on")
+class HAProxyTests(IntegrationTestCase):
+    """Tests of haproxy."""
 
-    sent: list[tuple[int, int]] = []
-    replies: dict[tuple[int, int], list[dict[str, Any]]] = {}
-    marks: dict[str, float] = {}
-
-    async def client(c: int, stop: asyncio.Event) -> None:
-        requests = itertools.cycle(
-            [{"function": "whoami", "args": {"delay": 0.005}}, {"function": "noop"}]
+    def _stopping_one_of_two_pools_behind_haproxy_leaves_no_request_unanswered(self, drain_first):
+        """Load through gateway, HAProxy and two pools; one pool stops mid-run: one reply each."""
+        haproxy = self.use(haproxies(self.tmp_path))
+        port_a, port_b, proxy_port, gateway_port = free_ports(4)
+        pool_a = start_pool(self.twistd_tree, port_a, 2)
+        pool_b = start_pool(self.twistd_tree, port_b, 2)
+        workers_a, workers_b = pool_a.worker_pids(), pool_b.worker_pids()
+        proxy = haproxy(proxy_port, {"a": port_a, "b": port_b})
+        wait_for(
+            lambda: proxy.server_status() == {"a": "UP", "b": "UP"},
+            10,
+            what="both pools UP in haproxy",
         )
-        async with connect(
-            f"ws://127.0.0.1:{gateway_port}/ws", proxy=None, compression=None, open_timeout=10
-        ) as ws:
-            for i in itertools.count():
-                if stop.is_set():
-                    break
-                key = (c, i)
-                sent.append(key)
-                replies[key] = []
-                await ws.send(json.dumps({**next(requests), "id": i}))
-                # One request in flight per client: the next is sent after its reply.
-                while True:
-                    message = json.loads(await asyncio.wait_for(ws.recv(), 10))
-                    if "progress" in message:
-                        continue
-                    replies[(c, message["id"])].append(message | {"at": time.monotonic()})
-                    if message["id"] == i:
+        gateway = self.twistd_tree(
+            "--role=gateway",
+            "--pool",
+            f"tcp:127.0.0.1:{proxy_port}",
+            "--listen",
+            f"tcp:{gateway_port}:interface=127.0.0.1",
+        )
+        gateway.wait_for_log("Gateway listening on")
+
+        sent: list[tuple[int, int]] = []
+        replies: dict[tuple[int, int], list[dict[str, Any]]] = {}
+        marks: dict[str, float] = {}
+
+        async def client(c: int, stop: asyncio.Event) -> None:
+            requests = itertools.cycle(
+                [{"function": "whoami", "args": {"delay": 0.005}}, {"function": "noop"}]
+            )
+            async with connect(
+                f"ws://127.0.0.1:{gateway_port}/ws", proxy=None, compression=None, open_timeout=10
+            ) as ws:
+                for i in itertools.count():
+                    if stop.is_set():
                         break
+                    key = (c, i)
+                    sent.append(key)
+                    replies[key] = []
+                    await ws.send(json.dumps({**next(requests), "id": i}))
+                    # One request in flight per client: the next is sent after its reply.
+                    while True:
+                        message = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                        if "progress" in message:
+                            continue
+                        replies[(c, message["id"])].append(message | {"at": time.monotonic()})
+                        if message["id"] == i:
+                            break
 
-    async def scenario() -> None:
-        stop = asyncio.Event()
-        loads = [asyncio.create_task(client(c, stop)) for c in range(10)]
-        start = time.monotonic()
-        await asyncio.sleep(1.5)
-        marks["stop"] = time.monotonic()
-        if drain_first:
-            # The documented procedure: no new connections to A, then stop it.
-            proxy.command("set server workers/a state maint")
-            while proxy.server_status()["a"] != "MAINT":
+        async def scenario() -> None:
+            stop = asyncio.Event()
+            loads = [asyncio.create_task(client(c, stop)) for c in range(10)]
+            start = time.monotonic()
+            await asyncio.sleep(1.5)
+            marks["stop"] = time.monotonic()
+            if drain_first:
+                # The documented procedure: no new connections to A, then stop it.
+                proxy.command("set server workers/a state maint")
+                while proxy.server_status()["a"] != "MAINT":
+                    await asyncio.sleep(0.02)
+            os.killpg(pool_a.pid, signal.SIGTERM)
+            while pool_a.process.poll() is None and time.monotonic() - marks["stop"] < 15:
                 await asyncio.sleep(0.02)
-        os.killpg(pool_a.pid, signal.SIGTERM)
-        while pool_a.process.poll() is None and time.monotonic() - marks["stop"] < 15:
-            await asyncio.sleep(0.02)
-        marks["exited"] = time.monotonic()
-        await asyncio.sleep(max(1.5, 4.0 - (time.monotonic() - start)))
-        stop.set()
-        await asyncio.gather(*loads)
+            marks["exited"] = time.monotonic()
+            await asyncio.sleep(max(1.5, 4.0 - (time.monotonic() - start)))
+            stop.set()
+            await asyncio.gather(*loads)
 
-    asyncio.run(asyncio.wait_for(scenario(), 40))
+        asyncio.run(asyncio.wait_for(scenario(), 40))
 
-    final = [r for rs in replies.values() for r in rs]
-    errors = [r for r in final if "error" in r]
-    outcomes = Counter(r["error"]["code"] if "error" in r else "ok" for r in final)
-    print(
-        f"\n{len(sent)} requests through haproxy, {len(final)} replies, {outcomes}; "
-        f"pool A exited {marks['exited'] - marks['stop']:.2f} s after SIGTERM; "
-        f"haproxy sees {proxy.server_status()}"
+        final = [r for rs in replies.values() for r in rs]
+        errors = [r for r in final if "error" in r]
+        outcomes = Counter(r["error"]["code"] if "error" in r else "ok" for r in final)
+        print(
+            f"\n{len(sent)} requests through haproxy, {len(final)} replies, {outcomes}; "
+            f"pool A exited {marks['exited'] - marks['stop']:.2f} s after SIGTERM; "
+            f"haproxy sees {proxy.server_status()}"
+        )
+        for error in errors[:5]:
+            print("error:", error)
+        unanswered = [k for k in sent if len(replies[k]) != 1]
+        assert unanswered == [], f"requests without exactly one reply: {unanswered[:10]}"
+        assert pool_a.process.returncode == 0, pool_a.log()
+        # Drained or not, nothing is lost: a stopping pool refuses new connections at
+        # once (HAProxy redispatches them), and a connection closed before a worker
+        # took it is retried by the gateway's client (see docs/operations.rst).
+        assert errors == [], f"{len(errors)} errors, e.g. {errors[:3]}\n{proxy.log()[-3000:]}"
+
+        pids_before = {
+            r["result"]["pid"]
+            for r in final
+            if r["at"] < marks["stop"] and isinstance(r.get("result"), dict)
+        }
+        assert pids_before & workers_a, "pool A served nothing before its stop"
+        assert pids_before & workers_b, "pool B served nothing before A's stop"
+        pids_after = {
+            r["result"]["pid"]
+            for r in final
+            if r["at"] > marks["exited"] and isinstance(r.get("result"), dict)
+        }
+        assert pids_after and pids_after <= workers_b
+        assert proxy.server_status()["a"] == ("MAINT" if drain_first else "DOWN")
+
+    locals().update(
+        parametrized({"drained_then_stopped": (True,), "stopped": (False,)})(
+            _stopping_one_of_two_pools_behind_haproxy_leaves_no_request_unanswered
+        )
     )
-    for error in errors[:5]:
-        print("error:", error)
-    unanswered = [k for k in sent if len(replies[k]) != 1]
-    assert unanswered == [], f"requests without exactly one reply: {unanswered[:10]}"
-    assert pool_a.process.returncode == 0, pool_a.log()
-    # Drained or not, nothing is lost: a stopping pool refuses new connections at
-    # once (HAProxy redispatches them), and a connection closed before a worker
-    # took it is retried by the gateway's client (see docs/operations.rst).
-    assert errors == [], f"{len(errors)} errors, e.g. {errors[:3]}\n{proxy.log()[-3000:]}"
-
-    pids_before = {
-        r["result"]["pid"]
-        for r in final
-        if r["at"] < marks["stop"] and isinstance(r.get("result"), dict)
-    }
-    assert pids_before & workers_a, "pool A served nothing before its stop"
-    assert pids_before & workers_b, "pool B served nothing before A's stop"
-    pids_after = {
-        r["result"]["pid"]
-        for r in final
-        if r["at"] > marks["exited"] and isinstance(r.get("result"), dict)
-    }
-    assert pids_after and pids_after <= workers_b
-    assert proxy.server_status()["a"] == ("MAINT" if drain_first else "DOWN")

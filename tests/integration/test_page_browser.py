@@ -10,17 +10,16 @@ not skipped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
-import pytest
-from conftest import wait_for
 from playwright.sync_api import BrowserContext, Page, expect, sync_playwright
 
-pytestmark = pytest.mark.slow
+from tests.integration.support import IntegrationTestCase, wait_for
 
 CHROMIUM = "/usr/bin/chromium"
 #: Flags from issue 6: no sandbox (CI runs as root), no GPU, and nothing that reaches out
@@ -64,17 +63,16 @@ def _tree(pids: set[int]) -> set[int]:
     return found
 
 
-@pytest.fixture
+@contextlib.contextmanager
 def browser(tmp_path: Path) -> Iterator[BrowserContext]:
     """
     Headless Debian Chromium with a fresh profile in ``tmp_path``; on teardown the
     browser and Playwright's driver are closed, and none of their processes survive.
     """
     if not os.access(CHROMIUM, os.X_OK):
-        pytest.fail(
+        raise AssertionError(
             f"{CHROMIUM} is not installed: the browser test needs Debian's chromium "
-            "(apt-get install chromium)",
-            pytrace=False,
+            "(apt-get install chromium)"
         )
     profile = tmp_path / "chromium-profile"
     profile.mkdir()
@@ -121,45 +119,48 @@ def _open(context: BrowserContext, port: int) -> Page:
     return page
 
 
-def test_page_runs_a_batch_and_shows_progress_and_pool(role_all, browser, tmp_path: Path):
-    """A person submits 20 ``sleep`` tasks on the page and sees 20/20 done, the results and 4 serving workers."""
-    _tree, port, _pool_port = role_all(4)
-    page = _open(browser, port)
+class PageBrowserTests(IntegrationTestCase):
+    """Tests of page browser."""
 
-    page.fill("#function", "sleep")
-    page.fill("#args", '{"seconds": 0.2}')
-    page.fill("#count", "20")
-    page.click("#run")
+    def test_page_runs_a_batch_and_shows_progress_and_pool(self):
+        """A person submits 20 ``sleep`` tasks on the page and sees 20/20 done, the results and 4 serving workers."""
+        _tree, port, _pool_port = self.role_all(4)
+        page = _open(self.use(browser(self.tmp_path)), port)
 
-    task = page.locator("#tasks .task").first
-    expect(task.locator("b")).to_have_text(
-        "sleep \u00d720"
-    )  # the page writes a multiplication sign
-    expect(task.locator(".status")).to_have_text("20/20 done")
-    bar = task.locator("progress")
-    expect(bar).to_have_attribute("max", "20")
-    expect(bar).to_have_attribute("value", "20")
-    assert bar.evaluate("b => [b.value, b.max]") == [20, 20]
+        page.fill("#function", "sleep")
+        page.fill("#args", '{"seconds": 0.2}')
+        page.fill("#count", "20")
+        page.click("#run")
 
-    # The result arrives just after the last progress message: one entry per item.
-    output = task.locator("pre")
-    expect(output).not_to_be_empty()
-    results = json.loads(output.text_content() or "null")
-    assert isinstance(results, list) and len(results) == 20, results
-    assert all("result" in item for item in results), results
+        task = page.locator("#tasks .task").first
+        expect(task.locator("b")).to_have_text(
+            "sleep \u00d720"
+        )  # the page writes a multiplication sign
+        expect(task.locator(".status")).to_have_text("20/20 done")
+        bar = task.locator("progress")
+        expect(bar).to_have_attribute("max", "20")
+        expect(bar).to_have_attribute("value", "20")
+        assert bar.evaluate("b => [b.value, b.max]") == [20, 20]
 
-    # The pool table is refreshed from /status every second.
-    rows = page.locator("#workers tr")
-    expect(rows).to_have_count(4)
-    expect(page.locator("#workers td:nth-child(3)")).to_have_text(["serving"] * 4)
-    expect(page.locator("#pool-summary")).to_have_text("4/4 serving, 0 restarts")
+        # The result arrives just after the last progress message: one entry per item.
+        output = task.locator("pre")
+        expect(output).not_to_be_empty()
+        results = json.loads(output.text_content() or "null")
+        assert isinstance(results, list) and len(results) == 20, results
+        assert all("result" in item for item in results), results
 
-    # The gateway's counters, refreshed from /status as well, catch up with the batch.
-    gateway = page.locator("#gateway")
-    expect(gateway).to_contain_text('"requests": 20,')
-    expect(gateway).to_contain_text('"inflight": 0,')
+        # The pool table is refreshed from /status every second.
+        rows = page.locator("#workers tr")
+        expect(rows).to_have_count(4)
+        expect(page.locator("#workers td:nth-child(3)")).to_have_text(["serving"] * 4)
+        expect(page.locator("#pool-summary")).to_have_text("4/4 serving, 0 restarts")
 
-    screenshot = tmp_path / "page.png"
-    page.screenshot(path=screenshot, full_page=True)
-    assert screenshot.stat().st_size > 0
-    print(f"screenshot of the page: {screenshot}")
+        # The gateway's counters, refreshed from /status as well, catch up with the batch.
+        gateway = page.locator("#gateway")
+        expect(gateway).to_contain_text('"requests": 20,')
+        expect(gateway).to_contain_text('"inflight": 0,')
+
+        screenshot = self.tmp_path / "page.png"
+        page.screenshot(path=screenshot, full_page=True)
+        assert screenshot.stat().st_size > 0
+        print(f"screenshot of the page: {screenshot}")

@@ -6,6 +6,7 @@ subprocess against a real ``twistd -n taskoffload`` (role all) on loopback.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.server
 import json
 import subprocess
@@ -13,13 +14,10 @@ import sys
 import threading
 from collections.abc import Iterator
 
-import pytest
-from conftest import free_port
 from websockets.asyncio.client import connect
 
 from taskoffload.__main__ import CLEAR_SCREEN
-
-pytestmark = pytest.mark.slow
+from tests.integration.support import IntegrationTestCase, free_port
 
 
 def status_command(*argv: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -45,50 +43,7 @@ def echo_through_gateway(port: int, count: int) -> list[dict]:
     return asyncio.run(asyncio.wait_for(scenario(), 20))
 
 
-def test_status_shows_every_worker(role_all):
-    """After two ``echo`` calls, ``status`` lists both workers' pids as serving and the calls."""
-    tree, gateway_port, _ = role_all(2)
-    replies = echo_through_gateway(gateway_port, 2)
-    assert sorted(r["result"]["n"] for r in replies) == [0, 1]
-
-    done = status_command("--gateway", f"http://127.0.0.1:{gateway_port}")
-    print(done.stdout)
-    assert done.returncode == 0, done.stderr
-    pids = tree.worker_pids()
-    assert len(pids) == 2
-    rows = {
-        int(fields[1]): fields
-        for fields in (line.split() for line in done.stdout.splitlines())
-        if len(fields) > 2 and fields[0].isdigit() and fields[1].isdigit()
-    }
-    assert set(rows) == pids
-    assert all(fields[2] == "serving" for fields in rows.values())
-    assert "serving 2/2" in done.stdout
-    assert "requests 2" in done.stdout
-    assert any(line.split() == ["echo", "2"] for line in done.stdout.splitlines())
-
-
-def test_status_watch_redraws(role_all):
-    """``--watch 0.2 --count 2`` draws the table twice, each after a screen clear, and exits 0."""
-    _, gateway_port, _ = role_all(2)
-    done = status_command(
-        "--gateway", f"http://127.0.0.1:{gateway_port}", "--watch", "0.2", "--count", "2"
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.count(CLEAR_SCREEN) == 2
-    assert done.stdout.count("serving 2/2") == 2
-
-
-def test_status_unreachable_gateway_exits_2():
-    """With nothing listening at ``--gateway``, the command says so on stderr and exits 2."""
-    url = f"http://127.0.0.1:{free_port()}"
-    done = status_command("--gateway", url)
-    assert done.returncode == 2
-    assert done.stdout == ""
-    assert f"cannot reach {url}/status" in done.stderr
-
-
-@pytest.fixture
+@contextlib.contextmanager
 def recording_gateway() -> Iterator[tuple[str, list[str | None]]]:
     """A stand-in /status server that records each request's Authorization header."""
     seen: list[str | None] = []
@@ -113,10 +68,53 @@ def recording_gateway() -> Iterator[tuple[str, list[str | None]]]:
     server.server_close()
 
 
-def test_status_sends_token(recording_gateway):
-    """``--token`` is sent as a Bearer token, and a trailing slash on the URL is harmless."""
-    url, seen = recording_gateway
-    done = status_command("--gateway", url, "--token", "s3cret")
-    assert done.returncode == 0, done.stderr
-    assert seen == ["Bearer s3cret"]
-    assert "requests 7" in done.stdout
+class StatusCommandTests(IntegrationTestCase):
+    """Tests of status command."""
+
+    def test_status_shows_every_worker(self):
+        """After two ``echo`` calls, ``status`` lists both workers' pids as serving and the calls."""
+        tree, gateway_port, _ = self.role_all(2)
+        replies = echo_through_gateway(gateway_port, 2)
+        assert sorted(r["result"]["n"] for r in replies) == [0, 1]
+
+        done = status_command("--gateway", f"http://127.0.0.1:{gateway_port}")
+        print(done.stdout)
+        assert done.returncode == 0, done.stderr
+        pids = tree.worker_pids()
+        assert len(pids) == 2
+        rows = {
+            int(fields[1]): fields
+            for fields in (line.split() for line in done.stdout.splitlines())
+            if len(fields) > 2 and fields[0].isdigit() and fields[1].isdigit()
+        }
+        assert set(rows) == pids
+        assert all(fields[2] == "serving" for fields in rows.values())
+        assert "serving 2/2" in done.stdout
+        assert "requests 2" in done.stdout
+        assert any(line.split() == ["echo", "2"] for line in done.stdout.splitlines())
+
+    def test_status_watch_redraws(self):
+        """``--watch 0.2 --count 2`` draws the table twice, each after a screen clear, and exits 0."""
+        _, gateway_port, _ = self.role_all(2)
+        done = status_command(
+            "--gateway", f"http://127.0.0.1:{gateway_port}", "--watch", "0.2", "--count", "2"
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.count(CLEAR_SCREEN) == 2
+        assert done.stdout.count("serving 2/2") == 2
+
+    def test_status_unreachable_gateway_exits_2(self):
+        """With nothing listening at ``--gateway``, the command says so on stderr and exits 2."""
+        url = f"http://127.0.0.1:{free_port()}"
+        done = status_command("--gateway", url)
+        assert done.returncode == 2
+        assert done.stdout == ""
+        assert f"cannot reach {url}/status" in done.stderr
+
+    def test_status_sends_token(self):
+        """``--token`` is sent as a Bearer token, and a trailing slash on the URL is harmless."""
+        url, seen = self.use(recording_gateway())
+        done = status_command("--gateway", url, "--token", "s3cret")
+        assert done.returncode == 0, done.stderr
+        assert seen == ["Bearer s3cret"]
+        assert "requests 7" in done.stdout

@@ -1,28 +1,49 @@
 """
-Fixtures that run the real ``twistd -n taskoffload`` in a subprocess on loopback.
+What the integration tests share: the real ``twistd -n taskoffload`` in a
+subprocess on loopback, and :class:`IntegrationTestCase`, the base of every
+integration test.
 
-Each process tree gets its own session (process group); teardown ends the whole
-group and checks that nothing of it is left.
+The tests are ``twisted.trial.unittest.TestCase`` classes, so one suite runs
+under both runners: ``python -m twisted.trial tests`` and ``pytest`` (which
+collects trial test cases natively).  Each process tree gets its own session
+(process group); cleanup ends the whole group and checks that nothing of it is
+left.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import TypeVar
 
 import psutil
 import pytest
+from twisted.trial import unittest
 
 from taskoffload.bench import free_port, free_ports
 
-__all__ = ["free_port", "free_ports"]  # for the test modules, which import them from here
+T = TypeVar("T")
+
+__all__ = [
+    "IntegrationTestCase",
+    "LineClient",
+    "Twistd",
+    "accepted_by_workers",
+    "client_ports",
+    "free_port",
+    "free_ports",
+    "wait_for",
+]
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.02, what: str = "condition"):
@@ -104,17 +125,24 @@ class Twistd:
             return set()
 
     def stop(self) -> None:
-        """End the whole process group: SIGTERM, then SIGKILL; wait until it is gone."""
+        """
+        SIGTERM to ``twistd`` alone (it stops its workers), then SIGKILL to whatever
+        of the process group is left after 10 s; wait, bounded, until it is gone.
+
+        (Not SIGTERM to the whole group: a worker that exits before its supervisor
+        took its own SIGTERM is restarted, and could hold the stop.)
+        """
         if self.process is None:
             return
-        try:
-            os.killpg(self.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
+        if self.process.poll() is None:
+            try:
+                os.kill(self.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
         try:
             os.killpg(self.pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -122,40 +150,6 @@ class Twistd:
         if self.process.poll() is None:
             self.process.wait(timeout=5)
         wait_for(lambda: not self.group_processes(), 5.0, what="the process group to end")
-
-
-@pytest.fixture
-def twistd(tmp_path: Path) -> Iterator[callable]:
-    """Start ``twistd -n taskoffload ARGS...``; every tree started is ended on teardown."""
-    started: list[Twistd] = []
-
-    def start(*args: str) -> Twistd:
-        tree = Twistd(tmp_path, list(args)).start()
-        started.append(tree)
-        return tree
-
-    yield start
-    for tree in started:
-        tree.stop()
-
-
-@pytest.fixture
-def pool(twistd) -> Iterator[callable]:
-    """Start a worker pool on a free port and wait until every worker serves."""
-
-    def start(count: int = 8, *extra: str) -> tuple[Twistd, int]:
-        port = free_port()
-        tree = twistd(
-            "--role=worker",
-            f"--count={count}",
-            "--listen",
-            f"tcp:{port}:interface=127.0.0.1",
-            *extra,
-        )
-        tree.wait_for_log(f"All {count} workers serving")
-        return tree, port
-
-    yield start
 
 
 class LineClient:
@@ -212,32 +206,84 @@ def client_ports(tree: Twistd, pool_port: int) -> set[int]:
     }
 
 
-@pytest.fixture
-def twistd_trees(tmp_path: Path) -> Iterator[callable]:
-    """Like ``twistd``, but each tree runs in, and logs to, a directory of its own."""
-    started: list[Twistd] = []
+class IntegrationTestCase(unittest.TestCase):
+    """
+    The base of every integration test: starts real process trees and ends them.
 
-    def start(*args: str) -> Twistd:
-        directory = tmp_path / f"twistd-{len(started)}"
-        directory.mkdir()
+    Every tree started with :meth:`twistd`, :meth:`pool` or :meth:`role_all` is
+    stopped in cleanup, and its whole process group must be gone.  Under pytest
+    these tests carry the ``integration`` marker, so ``pytest -m 'not
+    integration'`` runs only the in-memory tier.
+    """
+
+    pytestmark = [pytest.mark.integration]
+
+    #: Seconds a test may take under trial (pytest-timeout bounds it under pytest).
+    timeout = 120
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.tmp_path = Path(tempfile.mkdtemp(prefix="taskoffload-test-"))
+        self.addCleanup(shutil.rmtree, self.tmp_path, True)
+
+    def setenv(self, name: str, value: str) -> None:
+        """Set environment variable ``name`` (which started trees inherit) for this test."""
+        old = os.environ.get(name)
+        os.environ[name] = value
+        if old is None:
+            self.addCleanup(os.environ.pop, name, None)
+        else:
+            self.addCleanup(os.environ.__setitem__, name, old)
+
+    def use(self, context: AbstractContextManager[T]) -> T:
+        """Enter ``context`` now and exit it in cleanup; :return: what it gives."""
+        value = context.__enter__()
+        self.addCleanup(context.__exit__, None, None, None)
+        return value
+
+    def add_pythonpath(self, directory: Path) -> None:
+        """Put ``directory`` first on the ``PYTHONPATH`` of trees started from now on."""
+        path = [str(directory), *filter(None, [os.environ.get("PYTHONPATH")])]
+        self.setenv("PYTHONPATH", os.pathsep.join(path))
+
+    def twistd(self, *args: str, directory: Path | None = None) -> Twistd:
+        """Start ``twistd -n taskoffload ARGS...`` in ``directory`` (the test's own by
+        default); it is ended in cleanup."""
+        if directory is None:
+            directory = self.tmp_path
+        directory.mkdir(parents=True, exist_ok=True)
         tree = Twistd(directory, list(args)).start()
-        started.append(tree)
+        self.addCleanup(tree.stop)
         return tree
 
-    yield start
-    for tree in started:
-        tree.stop()
+    def twistd_tree(self, *args: str) -> Twistd:
+        """Like :meth:`twistd`, but the tree runs in, and logs to, a directory of its own."""
+        self._trees = getattr(self, "_trees", 0) + 1
+        return self.twistd(*args, directory=self.tmp_path / f"twistd-{self._trees}")
 
+    def pool(self, count: int = 8, *extra: str) -> tuple[Twistd, int]:
+        """Start a worker pool on a free port and wait until every worker serves.
 
-@pytest.fixture
-def role_all(twistd) -> Iterator[callable]:
-    """Start role all (gateway and pool in one tree) on free ports; wait until both serve."""
+        :return: the tree and its port.
+        """
+        port = free_port()
+        tree = self.twistd(
+            "--role=worker",
+            f"--count={count}",
+            "--listen",
+            f"tcp:{port}:interface=127.0.0.1",
+            *extra,
+        )
+        tree.wait_for_log(f"All {count} workers serving")
+        return tree, port
 
-    def start(count: int = 2, *extra: str) -> tuple[Twistd, int, int]:
-        """:return: the tree, the gateway's port and the pool's port."""
-        gateway_port = free_port()
-        pool_port = wait_for(lambda: (p := free_port()) != gateway_port and p, 5, what="a port")
-        tree = twistd(
+    def role_all(self, count: int = 2, *extra: str) -> tuple[Twistd, int, int]:
+        """Start role all (gateway and pool in one tree) on free ports; wait until both serve.
+
+        :return: the tree, the gateway's port and the pool's port.
+        """
+        gateway_port, pool_port = free_ports(2)
+        tree = self.twistd(
             f"--count={count}",
             "--listen",
             f"tcp:{gateway_port}:interface=127.0.0.1",
@@ -249,4 +295,28 @@ def role_all(twistd) -> Iterator[callable]:
         tree.wait_for_log(f"All {count} workers serving")
         return tree, gateway_port, pool_port
 
-    yield start
+
+def parametrized(cases: dict[str, tuple]) -> Callable[[Callable[..., None]], dict]:
+    """
+    Turn one test body into one trial test method per case, for a class body::
+
+        locals().update(parametrized({"a": (1,), "b": (2,)})(_check))
+
+    defines ``test_check_a`` and ``test_check_b``, calling ``_check(self, *case)``.
+    (trial has no ``pytest.mark.parametrize``.)
+    """
+
+    def expand(body: Callable[..., None]) -> dict:
+        methods = {}
+        stem = body.__name__.lstrip("_")
+        for name, case in cases.items():
+
+            def method(self, case=case):
+                return body(self, *case)
+
+            method.__name__ = f"test_{stem}_{name}"
+            method.__doc__ = body.__doc__
+            methods[method.__name__] = method
+        return methods
+
+    return expand
