@@ -128,6 +128,20 @@ class ITaskPool(Interface):
             :class:`TaskError`; cancelling it cancels the task.
         """
 
+    def slots() -> int | None:
+        """
+        :return: how many tasks the pool runs at once (its workers times their
+            concurrency), or ``None`` while the pool has not said.
+        """
+
+    def capacity() -> int | None:
+        """
+        :return: how many calls the pool takes at once before further calls wait
+            in line on the caller's side: its :meth:`slots`, plus what it sends
+            ahead to busy workers; ``None`` while the pool has not said.  The
+            gateway divides this among its clients (its fair share).
+        """
+
 
 @attrs.frozen
 class PoolAddress:

@@ -637,7 +637,6 @@ def _log_failure(failure: Failure, message: str, request_id: wire.RequestId) -> 
     _log.failure(message, failure, id=request_id)
 
 
-_UNLIMITED = 1 << 62
 #: The pool slots assumed until the pool says how many it has.
 FIRST_SHARE = 16
 
@@ -696,13 +695,11 @@ class GatewayFactory(WebSocketServerFactory):
     def share(self) -> int:
         """
         :return: how many calls one client may have at the pool at once: the
-            pool's task slots (if it has said) divided among the active clients.
+            pool's :meth:`~taskoffload.client.ITaskPool.capacity` (or
+            :data:`FIRST_SHARE` until it has said) divided among the active clients.
         """
-        # What the pool takes at once: its slots, or more if it prefetches.
-        slots = getattr(self.pool, "capacity", None) or getattr(self.pool, "slots", None)
-        if not callable(slots):
-            return _UNLIMITED  # a pool that cannot say: no sharing
-        # Until the pool has said, assume a small one: the first burst must not
-        # all queue ahead of everyone else.
-        total = slots() or FIRST_SHARE
+        # What the pool takes at once: its slots, or more if it prefetches.  Until
+        # the pool has said, assume a small one: the first burst must not all
+        # queue ahead of everyone else.
+        total = self.pool.capacity() or FIRST_SHARE
         return max(1, -(-total // max(1, len(self.active))))

@@ -7,28 +7,44 @@ workers or sockets.  It works in one of two modes:
 - scripted (the default): every call is recorded as a :class:`FakeCall` and stays
   unanswered until the test answers it with :meth:`FakeCall.succeed`,
   :meth:`FakeCall.fail` or :meth:`FakeCall.progress`, in whatever order it likes;
-- with ``tasks``: each call runs the named function at once and its Deferred has
-  fired by the time ``send_task`` returns, as a worker would have answered it.
+- with ``tasks``: each call runs the named function as a worker process would
+  (the worker's own code binds the arguments and turns the outcome into a reply),
+  so a synchronous task's Deferred has fired by the time ``send_task`` returns,
+  and one that returns a Deferred, or is ``async def``, answers when that fires.
 
-Either way, cancelling a call's Deferred fails it with ``TaskError("cancelled")``,
-as :class:`~taskoffload.client.TaskClient` does.
+Either way it behaves as :class:`~taskoffload.client.TaskClient` does where its
+caller can tell: arguments, results and progress go through the wire format's JSON
+encoding and back (a tuple arrives as a list; arguments JSON cannot carry fail with
+``bad_request``, a result it cannot carry with ``task_failed``); with a ``clock``,
+a call's timeout fails it with ``TaskError("timeout")``; cancelling a call's
+Deferred fails it with ``TaskError("cancelled")`` (and, with ``tasks``, cancels
+the running task); and :meth:`FakeTaskPool.slots` and
+:meth:`FakeTaskPool.capacity` say the pool's size, ``None`` until told one.
 """
 
 from __future__ import annotations
 
-import inspect
+import itertools
 import math
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.task import Clock
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from taskoffload import wire
 from taskoffload.client import ITaskPool, TaskError
-from taskoffload.registry import PROGRESS_PARAMETER
+from taskoffload.registry import SPEC_ATTRIBUTE, TaskRegistry, _make_spec
+from taskoffload.worker import TaskServerFactory
 
 __all__ = ["FakeCall", "FakeTaskPool"]
+
+_log = Logger(namespace="taskoffload.testing")
 
 
 class FakeCall:
@@ -36,13 +52,16 @@ class FakeCall:
     One call made on a :class:`FakeTaskPool`, and the means to answer it.
 
     :ivar function: the task name called.
-    :ivar args: the positional arguments.
-    :ivar kwargs: the keyword arguments.
+    :ivar args: the positional arguments, as a worker receives them (decoded
+        from JSON).
+    :ivar kwargs: the keyword arguments, as a worker receives them.
     :ivar timeout: the timeout the caller asked for, or ``None``.
     :ivar on_progress: the caller's progress callable, or ``None``.
     :ivar deferred: the Deferred the caller got.
     :ivar cancelled: the caller cancelled the Deferred before it had fired.
-    :ivar progress_sent: the progress values reported so far, in order.
+    :ivar timed_out: the call's timeout passed before it was answered.
+    :ivar progress_sent: the progress values reported so far, in order, as the
+        caller received them.
     """
 
     def __init__(
@@ -59,35 +78,45 @@ class FakeCall:
         self.timeout = timeout
         self.on_progress = on_progress
         self.cancelled = False
+        self.timed_out = False
         self.progress_sent: list[Any] = []
         self.deferred: Deferred[Any] = Deferred(self._cancel)
+        self._request_id: wire.RequestId = None
+        self._timer: IDelayedCall | None = None
+        # With tasks: the worker's run of the task, cancelled when the caller gives up.
+        self._task: Deferred[Any] | None = None
 
     def __repr__(self) -> str:
-        return (
-            f"<FakeCall {self.function}(args={self.args!r}, kwargs={self.kwargs!r}) "
-            f"{'cancelled' if self.cancelled else 'answered' if self.answered else 'pending'}>"
-        )
+        if self.cancelled:
+            state = "cancelled"
+        elif self.timed_out:
+            state = "timed out"
+        else:
+            state = "answered" if self.answered else "pending"
+        return f"<FakeCall {self.function}(args={self.args!r}, kwargs={self.kwargs!r}) {state}>"
 
     @property
     def answered(self) -> bool:
-        """The caller has its outcome: a result, an error, or its own cancellation."""
+        """The caller has its outcome: a result, an error, its timeout or its cancellation."""
         return self.deferred.called
 
     def succeed(self, value: Any = None) -> None:
         """
-        Answer with a result.  Ignored after a cancellation, as a worker's late
-        reply is.
+        Answer with a result, as the client would read it from a worker's reply:
+        through JSON, so a tuple arrives as a list, and a value JSON cannot carry
+        fails the call with ``task_failed``.  Ignored after a cancellation or a
+        timeout, as a worker's late reply is.
 
         :raises twisted.internet.defer.AlreadyCalledError: if already answered
             otherwise.
         """
-        if not self.cancelled:
-            self.deferred.callback(value)
+        if not self._given_up:
+            self._deliver(wire.Result(id=self._request_id, result=value))
 
     def fail(self, code: str, message: str, type: str | None = None) -> None:
         """
         Answer with :class:`~taskoffload.client.TaskError` ``(code, message, type)``.
-        Ignored after a cancellation.
+        Ignored after a cancellation or a timeout.
 
         :param code: one of :data:`taskoffload.wire.ERROR_CODES`.
         :param type: the exception class name, for ``task_failed``.
@@ -97,23 +126,93 @@ class FakeCall:
         """
         if code not in wire.ERROR_CODES:
             raise ValueError(f"{code!r} is not one of the wire format's error codes")
-        if not self.cancelled:
-            self.deferred.errback(TaskError(code, message, type))
+        if not self._given_up:
+            self._deliver(
+                wire.ErrorReply(id=self._request_id, code=code, message=message, type=type)
+            )
 
     def progress(self, value: Any) -> None:
         """
-        Report progress: calls the caller's ``on_progress``, if it gave one, unless
-        the call is already answered (a late report is dropped, as the client does).
+        Report progress: calls the caller's ``on_progress``, if it gave one, with
+        ``value`` as it arrives through JSON (what JSON cannot carry arrives as its
+        ``repr``), unless the call is already answered (a late report is dropped,
+        as the client does).  What ``on_progress`` raises is logged, as the
+        client does, and does not reach the task.
         """
         if self.answered:
             return
-        self.progress_sent.append(value)
+        line = wire.encode_reply(wire.Progress(id=self._request_id, progress=value))
+        report = wire.decode_reply(line[:-1])
+        assert isinstance(report, wire.Progress)
+        self.progress_sent.append(report.progress)
         if self.on_progress is not None:
-            self.on_progress(value)
+            try:
+                self.on_progress(report.progress)
+            except Exception:
+                _log.failure("on_progress of {function!r} raised", function=self.function)
+
+    @property
+    def _given_up(self) -> bool:
+        return self.cancelled or self.timed_out
+
+    def _deliver(self, reply: wire.Result | wire.ErrorReply) -> None:
+        """Fire the caller's Deferred with ``reply`` as the client would read it."""
+        received = wire.decode_reply(wire.encode_reply(reply)[:-1])
+        self._stop_timer()
+        if isinstance(received, wire.Result):
+            self.deferred.callback(received.result)
+        else:
+            assert isinstance(received, wire.ErrorReply)
+            self.deferred.errback(TaskError.from_reply(received))
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _give_up(self, error: TaskError) -> None:
+        """Fail the caller's Deferred now, and stop the task, as the client's cancel does."""
+        self._stop_timer()
+        self.deferred.errback(error)
+        if self._task is not None:
+            self._task.cancel()
 
     def _cancel(self, deferred: Deferred[Any]) -> None:
         self.cancelled = True
-        deferred.errback(TaskError(wire.CANCELLED, "cancelled by the caller"))
+        self._give_up(TaskError(wire.CANCELLED, "cancelled by the caller"))
+
+    def _expire(self, seconds: float) -> None:
+        self._timer = None
+        if self.answered:
+            return
+        self.timed_out = True
+        self._give_up(TaskError(wire.TIMEOUT, f"no reply within {seconds:g} seconds"))
+
+    def _run(self, worker: TaskServerFactory, request: wire.Request) -> None:
+        """Run the task as ``worker`` would, and answer with its reply."""
+        task = worker.run(request, self.progress)
+        self._task = task
+        task.addCallback(self._replied).addErrback(self._task_ended)
+
+    def _replied(self, reply: wire.Result | wire.ErrorReply) -> None:
+        if not self.answered:
+            self._deliver(reply)
+
+    def _task_ended(self, failure: Failure) -> None:
+        # The worker's run fails only when the caller gave up and cancelled it.
+        if not failure.check(CancelledError):
+            _log.failure("Answering {function!r} failed", failure, function=self.function)
+
+
+def _registry(tasks: Mapping[str, Callable[..., Any]]) -> TaskRegistry:
+    """The registry a worker builds from a ``TASKS`` mapping: keeps ``@task`` options."""
+    specs = {}
+    for name, function in tasks.items():
+        marked = getattr(function, SPEC_ATTRIBUTE, None)
+        specs[name] = _make_spec(
+            function, name, getattr(marked, "timeout", None), getattr(marked, "retry", False)
+        )
+    return TaskRegistry(specs)
 
 
 @implementer(ITaskPool)
@@ -121,18 +220,59 @@ class FakeTaskPool:
     """
     An in-memory :class:`~taskoffload.client.ITaskPool`.
 
-    :param tasks: if given, the functions to run by name, at once (see the module
-        docstring); a name not in it fails with ``unknown_function``, arguments that
-        do not fit the function's signature with ``bad_arguments``, and a function
-        that raises with ``task_failed`` typed by the exception's class name.  A
-        function that declares a ``progress`` parameter gets a callable that reports
-        progress to the caller, as on a worker.  Functions must be synchronous.
+    :param tasks: if given, the functions to run by name (see the module
+        docstring), registered as a worker registers a ``TASKS`` mapping: a name
+        not in it fails with ``unknown_function``, arguments that do not fit the
+        function's signature with ``bad_arguments``, a function that raises with
+        ``task_failed`` typed by the exception's class name, each with the
+        worker's message.  A function that declares a ``progress`` parameter gets
+        a callable that reports progress to the caller, as on a worker, and (with
+        a ``clock``) a ``@task(timeout=...)`` holds the calls that give no
+        timeout to its deadline.
+        Every call runs at once, whatever ``slots`` says.
+    :param clock: if given, timeouts run on it, as the client's and the worker's
+        do; without one, no call ever times out.
+    :param timeout: the default seconds to wait for a result, as
+        :class:`~taskoffload.client.TaskClient`'s ``timeout``.
+    :param slots: what :meth:`slots` says: how many tasks the pool runs at once;
+        ``None`` (the default) for a pool that has not said yet, as a client that
+        has not connected.
+    :param prefetch: as :class:`~taskoffload.client.TaskClient`'s; only
+        :meth:`capacity` uses it.
+    :raises ValueError: for an out-of-range number, as the real client.
     :ivar calls: every call made, oldest first, answered or not.
     """
 
-    def __init__(self, tasks: Mapping[str, Callable[..., Any]] | None = None) -> None:
+    def __init__(
+        self,
+        tasks: Mapping[str, Callable[..., Any]] | None = None,
+        *,
+        clock: IReactorTime | None = None,
+        timeout: float | None = None,
+        slots: int | None = None,
+        prefetch: int = 0,
+    ) -> None:
+        if timeout is not None and not 0 < timeout < math.inf:
+            raise ValueError("timeout must be a positive number of seconds, or None")
+        if slots is not None and slots < 1:
+            raise ValueError("slots must be at least 1, or None")
+        if prefetch < 0:
+            raise ValueError("prefetch must not be negative")
         self.tasks = dict(tasks) if tasks is not None else None
         self.calls: list[FakeCall] = []
+        self._clock = clock
+        self._timeout = timeout
+        self._slots = slots
+        self._prefetch = prefetch
+        self._ids = itertools.count(1)
+        self._worker: TaskServerFactory | None = None
+        if self.tasks is not None:
+            # Without a clock, a clock that never moves: deadlines never pass.
+            self._worker = TaskServerFactory(
+                _registry(self.tasks),
+                clock if clock is not None else Clock(),
+                concurrency=sys.maxsize,
+            )
 
     @property
     def pending(self) -> list[FakeCall]:
@@ -156,7 +296,7 @@ class FakeTaskPool:
         on_progress: Callable[[Any], object] | None = None,
     ) -> Deferred[Any]:
         """
-        Record a call and, with ``tasks``, answer it at once.
+        Record a call and, with ``tasks``, run it.
 
         :return: the Deferred of the recorded :class:`FakeCall`.
         :raises ValueError: if ``timeout`` is not a positive finite number, as
@@ -164,41 +304,49 @@ class FakeTaskPool:
         """
         if timeout is not None and not 0 < timeout < math.inf:
             raise ValueError("timeout must be a positive number of seconds")
-        call = FakeCall(function, tuple(args), dict(kwargs) if kwargs else {}, timeout, on_progress)
+        limit = timeout if timeout is not None else self._timeout
+        request = wire.Request(
+            id=next(self._ids),
+            function=function,
+            args=tuple(args),
+            kwargs=dict(kwargs) if kwargs else {},
+            timeout=limit,
+        )
+        # What the worker reads is what the client could write.
+        refused: TaskError | None = None
+        try:
+            line = wire.encode_request(request)
+        except (TypeError, ValueError, RecursionError) as e:
+            refused = TaskError(wire.BAD_REQUEST, f"the arguments cannot be sent as JSON: {e}")
+        else:
+            try:
+                received = wire.decode_message(line[:-1])
+            except wire.BadMessage as e:
+                refused = TaskError(e.code, e.message)
+            else:
+                assert isinstance(received, wire.Request)
+                request = received
+        call = FakeCall(function, request.args, request.kwargs, timeout, on_progress)
+        call._request_id = request.id
         self.calls.append(call)
-        if self.tasks is not None:
-            self._run(call, self.tasks)
+        if refused is not None:
+            call.deferred.errback(refused)
+            return call.deferred
+        if limit is not None and self._clock is not None:
+            call._timer = self._clock.callLater(limit, call._expire, limit)
+        if self._worker is not None:
+            call._run(self._worker, request)
         return call.deferred
 
-    def _run(self, call: FakeCall, tasks: Mapping[str, Callable[..., Any]]) -> None:
-        """Answer ``call`` by running its function, as a worker would."""
-        f = tasks.get(call.function)
-        if f is None:
-            call.fail(wire.UNKNOWN_FUNCTION, f"no task named {call.function!r}")
-            return
-        kwargs = dict(call.kwargs)
-        try:
-            signature: inspect.Signature | None = inspect.signature(f)
-        except (TypeError, ValueError):
-            # Some builtins have no signature to check; let the call decide.
-            signature = None
-        if signature is not None:
-            if PROGRESS_PARAMETER in signature.parameters:
-                if PROGRESS_PARAMETER in kwargs:
-                    call.fail(
-                        wire.BAD_ARGUMENTS,
-                        f"{call.function}: 'progress' is supplied by the worker, not the caller",
-                    )
-                    return
-                kwargs[PROGRESS_PARAMETER] = call.progress
-            try:
-                signature.bind(*call.args, **kwargs)
-            except TypeError as e:
-                call.fail(wire.BAD_ARGUMENTS, f"{call.function}: {e}")
-                return
-        try:
-            result = f(*call.args, **kwargs)
-        except Exception as e:
-            call.fail(wire.TASK_FAILED, str(e), type(e).__name__)
-            return
-        call.succeed(result)
+    def slots(self) -> int | None:
+        """:return: the ``slots`` the pool was given: ``None`` unless told one."""
+        return self._slots
+
+    def capacity(self) -> int | None:
+        """
+        :return: ``slots`` times one more than ``prefetch``, as the real client
+            says; ``None`` without ``slots``.
+        """
+        if self._slots is None:
+            return None
+        return self._slots * (1 + self._prefetch)

@@ -65,11 +65,15 @@ class Peer:
 
 
 class Gateway:
-    """A gateway factory over a scripted fake pool, a clock and its stats."""
+    """
+    A gateway factory over a scripted fake pool, a clock and its stats.  The
+    default pool has not said its size, as a client not yet connected, and runs
+    its timeouts on the gateway's clock.
+    """
 
     def __init__(self, pool: FakeTaskPool | None = None, **limits: int) -> None:
-        self.pool = pool if pool is not None else FakeTaskPool()
         self.clock = Clock()
+        self.pool = pool if pool is not None else FakeTaskPool(clock=self.clock)
         self.stats = GatewayStats()
         self.factory = GatewayFactory(
             self.pool, clock=self.clock, limits=GatewayLimits(**limits), stats=self.stats
@@ -141,6 +145,17 @@ def test_task_error_reply(gateway: Gateway) -> None:
         {"id": 1, "error": {"code": "task_failed", "message": "boom", "type": "ValueError"}},
         {"id": 2, "error": {"code": "unknown_function", "message": "no task named 'f'"}},
     ]
+
+
+def test_pool_timeout_reply(gateway: Gateway) -> None:
+    """A call the pool times out is answered timeout, with the pool's message."""
+    peer = gateway.connect()
+    peer.send({"id": 1, "function": "f", "timeout": 2})
+    gateway.clock.advance(2)
+    assert peer.take() == [
+        {"id": 1, "error": {"code": "timeout", "message": "no reply within 2 seconds"}}
+    ]
+    assert gateway.stats.by_outcome == {"timeout": 1}
 
 
 def test_binary_frame_is_bad_request(gateway: Gateway) -> None:
@@ -667,20 +682,20 @@ def test_framed_oversize_message(txaio_clock: Clock) -> None:
 # Fair admission
 
 
-class SizedPool(FakeTaskPool):
-    """A scripted pool that says how many task slots it has."""
-
-    def __init__(self, slots: int) -> None:
-        super().__init__()
-        self._slots = slots
-
-    def slots(self) -> int:
-        return self._slots
+def test_share_before_the_pool_says_its_size(gateway: Gateway) -> None:
+    """Until the pool says its size, a lone client has FIRST_SHARE calls at the pool at once."""
+    peer = gateway.connect()
+    for n in range(gateway_module.FIRST_SHARE + 2):
+        peer.send({"id": n, "function": "noop"})
+    assert len(gateway.pool.pending) == gateway_module.FIRST_SHARE
+    gateway.pool.pending[0].succeed(None)
+    assert len(gateway.pool.pending) == gateway_module.FIRST_SHARE
+    assert peer.take() == [{"id": 0, "result": None}]
 
 
 def test_one_client_gets_no_more_than_the_pool_slots_at_once() -> None:
     """A lone client's burst goes to the pool a slot's worth at a time, in order."""
-    gateway = Gateway(SizedPool(2))
+    gateway = Gateway(FakeTaskPool(slots=2))
     peer = gateway.connect()
     for n in range(5):
         peer.send({"id": n, "function": "noop"})
@@ -694,7 +709,7 @@ def test_one_client_gets_no_more_than_the_pool_slots_at_once() -> None:
 
 def test_another_clients_call_is_not_queued_behind_a_burst() -> None:
     """While one client's burst fills the pool, another client's call goes next."""
-    gateway = Gateway(SizedPool(2))
+    gateway = Gateway(FakeTaskPool(slots=2))
     burst = gateway.connect()
     for n in range(10):
         burst.send({"id": n, "function": "sleep"})
@@ -704,16 +719,9 @@ def test_another_clients_call_is_not_queued_behind_a_burst() -> None:
     assert functions == ["sleep", "sleep", "noop"]
 
 
-class PrefetchingPool(SizedPool):
-    """A pool that takes twice its slots at once (a prefetching TaskClient)."""
-
-    def capacity(self) -> int:
-        return 2 * self._slots
-
-
 def test_share_follows_a_prefetching_pools_capacity() -> None:
     """A pool that takes more calls than it has slots (prefetch) gets that many from a client."""
-    gateway = Gateway(PrefetchingPool(2))
+    gateway = Gateway(FakeTaskPool(slots=2, prefetch=1))
     peer = gateway.connect()
     for n in range(6):
         peer.send({"id": n, "function": "noop"})
@@ -722,7 +730,7 @@ def test_share_follows_a_prefetching_pools_capacity() -> None:
 
 def test_a_client_that_finishes_lets_the_others_take_its_share() -> None:
     """When a client has nothing left to send, the others' waiting calls take its slots at once."""
-    gateway = Gateway(SizedPool(4))
+    gateway = Gateway(FakeTaskPool(slots=4))
     short, long = gateway.connect(), gateway.connect()
     for n in range(2):
         short.send({"id": n, "function": "noop"})
@@ -738,7 +746,7 @@ def test_a_client_that_finishes_lets_the_others_take_its_share() -> None:
 
 def test_waiting_call_times_out_and_can_be_cancelled() -> None:
     """A call still waiting for its share fails with its timeout, or on cancel."""
-    gateway = Gateway(SizedPool(1))
+    gateway = Gateway(FakeTaskPool(slots=1))
     peer = gateway.connect()
     peer.send({"id": 1, "function": "sleep"})
     peer.send({"id": 2, "function": "noop", "timeout": 5})

@@ -1,11 +1,7 @@
 """
-Tests for :mod:`taskoffload.testing`.
-
-The contract tests run one set of behaviours against :class:`FakeTaskPool` (with
-``tasks``) and against the real thing: a :class:`TaskClient` on a
-``MemoryReactorClock`` whose connections ``iosim`` completes to a real
-``TaskServerFactory`` serving the same functions.  The rest cover the fake's
-scripted mode, which has no real counterpart.
+Tests for :mod:`taskoffload.testing`: the fake's scripted mode, which has no real
+counterpart, and its own options.  What the fake must do as the real client does
+is in ``tests/test_pool_contract.py``, run on both.
 """
 
 from __future__ import annotations
@@ -15,39 +11,20 @@ from typing import Any
 
 import pytest
 from twisted.internet.defer import AlreadyCalledError, Deferred
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.task import Clock
+from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
-from twisted.test.iosim import ConnectionCompleter, IOPump
 from zope.interface.verify import verifyObject
 
 from taskoffload import wire
-from taskoffload.client import ITaskPool, TaskClient, TaskError
-from taskoffload.registry import TaskRegistry
+from taskoffload.client import ITaskPool, TaskError
 from taskoffload.testing import FakeCall, FakeTaskPool
-from taskoffload.worker import TaskServerFactory
-
-PORT = 12345
-
-
-def echo(**kwargs: Any) -> dict[str, Any]:
-    return kwargs
-
-
-def add(a: int, b: int) -> int:
-    return a + b
-
-
-def boom(message: str = "boom") -> None:
-    raise ValueError(message)
 
 
 def count(n: int, progress: Callable[[Any], None]) -> int:
     for i in range(n):
         progress({"done": i})
     return n
-
-
-TASKS: dict[str, Callable[..., Any]] = {"echo": echo, "add": add, "boom": boom, "count": count}
 
 
 def outcome(d: Deferred[Any]) -> Any:
@@ -64,108 +41,6 @@ def error_of(d: Deferred[Any]) -> TaskError:
     assert isinstance(failure, Failure), f"expected a TaskError, got result {failure!r}"
     assert isinstance(failure.value, TaskError), failure
     return failure.value
-
-
-class FakeHarness:
-    """The fake pool, which answers at once."""
-
-    def __init__(self) -> None:
-        self.pool = FakeTaskPool(tasks=TASKS)
-
-    def settle(self) -> None:
-        """Nothing to move: the fake has answered already."""
-
-
-class RealHarness:
-    """A real client and worker server joined by in-memory connections."""
-
-    def __init__(self) -> None:
-        self.reactor = MemoryReactorClock()
-        server = TaskServerFactory(TaskRegistry.from_functions(TASKS.values()), self.reactor)
-        self.reactor.listenTCP(PORT, server)
-        self.pool = TaskClient(self.reactor, [f"tcp:127.0.0.1:{PORT}"])
-        self._completer = ConnectionCompleter(self.reactor)
-        self._pumps: list[IOPump] = []
-
-    def settle(self) -> None:
-        """Complete the client's connection attempts and move bytes until quiet."""
-        for _ in range(100):
-            while self.reactor.tcpClients:
-                self._pumps.append(self._completer.succeedOnce())
-            moved = [pump.flush() for pump in self._pumps]
-            if not any(moved) and not self.reactor.tcpClients:
-                return
-        raise AssertionError("the client and the server never went quiet")
-
-
-@pytest.fixture(params=["fake", "real"])
-def harness(request: pytest.FixtureRequest) -> FakeHarness | RealHarness:
-    """Each contract test runs on the fake pool and on a real client and server."""
-    if request.param == "fake":
-        return FakeHarness()
-    return RealHarness()
-
-
-def run(harness: FakeHarness | RealHarness, d: Deferred[Any]) -> Deferred[Any]:
-    """Let ``harness`` answer, then give back ``d``."""
-    harness.settle()
-    return d
-
-
-# The contract
-
-
-def test_provides_interface(harness: FakeHarness | RealHarness) -> None:
-    """The pool provides ITaskPool."""
-    assert verifyObject(ITaskPool, harness.pool)
-
-
-def test_call_resolves_with_result(harness: FakeHarness | RealHarness) -> None:
-    """A call's Deferred fires with the task's result."""
-    d = harness.pool.send_task("add", (2, 3))
-    assert outcome(run(harness, d)) == 5
-
-
-def test_call_shorthand_passes_arguments(harness: FakeHarness | RealHarness) -> None:
-    """call() passes positional and keyword arguments through."""
-    positional = harness.pool.call("add", 1, 2)
-    keywords = harness.pool.call("echo", a=1, b=[2])
-    harness.settle()
-    assert outcome(positional) == 3
-    assert outcome(keywords) == {"a": 1, "b": [2]}
-
-
-def test_task_raises_task_failed(harness: FakeHarness | RealHarness) -> None:
-    """A task that raises fails the call with task_failed, its message and type."""
-    error = error_of(run(harness, harness.pool.send_task("boom", kwargs={"message": "no"})))
-    assert (error.code, error.message, error.type) == (wire.TASK_FAILED, "no", "ValueError")
-
-
-def test_unknown_function(harness: FakeHarness | RealHarness) -> None:
-    """An unregistered name fails with unknown_function."""
-    error = error_of(run(harness, harness.pool.send_task("nope")))
-    assert error.code == wire.UNKNOWN_FUNCTION
-
-
-def test_bad_arguments(harness: FakeHarness | RealHarness) -> None:
-    """Arguments that do not fit the task fail with bad_arguments."""
-    error = error_of(run(harness, harness.pool.send_task("add", (1,))))
-    assert error.code == wire.BAD_ARGUMENTS
-
-
-def test_progress_reaches_caller(harness: FakeHarness | RealHarness) -> None:
-    """Progress a task reports reaches on_progress, in order, before the result."""
-    seen: list[Any] = []
-    d = harness.pool.send_task("count", kwargs={"n": 3}, on_progress=seen.append)
-    assert outcome(run(harness, d)) == 3
-    assert seen == [{"done": 0}, {"done": 1}, {"done": 2}]
-
-
-@pytest.mark.parametrize("timeout", [0, -1, float("inf")])
-def test_bad_timeout_rejected(harness: FakeHarness | RealHarness, timeout: float) -> None:
-    """A timeout that is not a positive finite number raises ValueError at once."""
-    with pytest.raises(ValueError):
-        harness.pool.send_task("add", (1, 2), timeout=timeout)
 
 
 # The fake's scripted mode
@@ -287,8 +162,135 @@ def test_tasks_mode_records_calls() -> None:
     assert call.kwargs == {"a": 1}
 
 
-def test_tasks_mode_progress_is_worker_supplied() -> None:
-    """With tasks, a caller may not pass the progress argument itself."""
-    pool = FakeTaskPool(tasks=TASKS)
-    error = error_of(pool.send_task("count", kwargs={"n": 1, "progress": None}))
-    assert error.code == wire.BAD_ARGUMENTS
+def test_tasks_mode_records_progress() -> None:
+    """With tasks, the progress a task reports is recorded on its call."""
+    pool = FakeTaskPool(tasks={"count": count})
+    assert outcome(pool.call("count", n=2)) == 2
+    assert pool.calls[0].progress_sent == [{"done": 0}, {"done": 1}]
+
+
+# What the scripted mode shares with the real client
+
+
+def test_scripted_provides_interface() -> None:
+    """A scripted pool provides ITaskPool, slots() and capacity() included."""
+    assert verifyObject(ITaskPool, FakeTaskPool())
+
+
+def test_scripted_records_arguments_as_a_worker_receives_them() -> None:
+    """A scripted call records its arguments as they arrive through JSON."""
+    pool = FakeTaskPool()
+    pool.send_task("f", [(1, 2)], {"k": {1: "a"}})
+    [call] = pool.calls
+    assert (call.args, call.kwargs) == (([1, 2],), {"k": {"1": "a"}})
+
+
+def test_scripted_unencodable_arguments() -> None:
+    """A scripted call whose arguments JSON cannot carry is recorded, failed with bad_request."""
+    pool = FakeTaskPool()
+    d = pool.call("f", object())
+    error = error_of(d)
+    assert error.code == wire.BAD_REQUEST
+    assert error.message.startswith("the arguments cannot be sent as JSON: ")
+    assert [call.function for call in pool.calls] == ["f"]
+    assert pool.pending == []
+
+
+def test_scripted_result_through_json() -> None:
+    """succeed() delivers its value through JSON; one JSON cannot carry fails with task_failed."""
+    pool = FakeTaskPool()
+    carried, refused = pool.call("f"), pool.call("f")
+    pool.calls[0].succeed((1, {2: 3}))
+    pool.calls[1].succeed(object())
+    assert outcome(carried) == [1, {"2": 3}]
+    error = error_of(refused)
+    assert (error.code, error.type) == (wire.TASK_FAILED, "TypeError")
+
+
+def test_scripted_progress_through_json() -> None:
+    """progress() delivers its value through JSON, and records it as delivered."""
+    pool = FakeTaskPool()
+    seen: list[Any] = []
+    pool.send_task("f", on_progress=seen.append)
+    pool.calls[0].progress((1, 2))
+    assert seen == [[1, 2]]
+    assert pool.calls[0].progress_sent == [[1, 2]]
+
+
+def test_scripted_on_progress_error_is_logged() -> None:
+    """What on_progress raises is logged, not raised to the test reporting progress."""
+
+    def broken(value: Any) -> None:
+        raise RuntimeError("caller bug")
+
+    pool = FakeTaskPool()
+    pool.send_task("f", on_progress=broken)
+    with capturedLogs() as events:
+        pool.calls[0].progress(1)
+    assert [formatEvent(e) for e in events if "log_failure" in e] == ["on_progress of 'f' raised"]
+
+
+def test_scripted_timeout() -> None:
+    """With a clock, an unanswered call fails with timeout when its timeout passes."""
+    clock = Clock()
+    pool = FakeTaskPool(clock=clock)
+    d = pool.send_task("f", timeout=2)
+    clock.advance(1.5)
+    assert not d.called
+    clock.advance(0.5)
+    error = error_of(d)
+    assert (error.code, error.message) == (wire.TIMEOUT, "no reply within 2 seconds")
+    [call] = pool.calls
+    assert (call.timed_out, call.cancelled, call.answered) == (True, False, True)
+
+
+def test_scripted_default_timeout() -> None:
+    """With a clock, a call that gives no timeout is held to the pool's default."""
+    clock = Clock()
+    pool = FakeTaskPool(clock=clock, timeout=3)
+    d = pool.call("f")
+    clock.advance(3)
+    assert error_of(d).code == wire.TIMEOUT
+    assert pool.calls[0].timeout is None
+
+
+def test_answer_after_timeout_ignored() -> None:
+    """A late answer to a timed-out call is ignored, like a worker's late reply."""
+    clock = Clock()
+    pool = FakeTaskPool(clock=clock)
+    d = pool.send_task("f", timeout=1)
+    clock.advance(1)
+    pool.calls[0].succeed(1)
+    pool.calls[0].fail(wire.TASK_FAILED, "late")
+    assert error_of(d).code == wire.TIMEOUT
+
+
+def test_answer_stops_the_timeout() -> None:
+    """A call answered in time leaves no timer behind on the clock."""
+    clock = Clock()
+    pool = FakeTaskPool(clock=clock)
+    d = pool.send_task("f", timeout=1)
+    pool.calls[0].succeed("in time")
+    assert clock.getDelayedCalls() == []
+    clock.advance(1)
+    assert outcome(d) == "in time"
+
+
+def test_size_defaults_to_unknown() -> None:
+    """A pool given no slots says neither slots nor capacity, as a client not yet connected."""
+    pool = FakeTaskPool()
+    assert (pool.slots(), pool.capacity()) == (None, None)
+
+
+def test_capacity_without_prefetch_is_the_slots() -> None:
+    """Without prefetch, the capacity is the slots."""
+    assert FakeTaskPool(slots=4).capacity() == 4
+
+
+@pytest.mark.parametrize(
+    "options", [{"timeout": 0}, {"timeout": float("inf")}, {"slots": 0}, {"prefetch": -1}]
+)
+def test_bad_options(options: dict[str, Any]) -> None:
+    """An out-of-range timeout, slots or prefetch raises ValueError, as the real client's."""
+    with pytest.raises(ValueError):
+        FakeTaskPool(**options)
