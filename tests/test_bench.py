@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 
 from taskoffload import bench
+from tests._trial_bridge import pytest_module
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.integration
 
 TINY_EMAILS = ["--count=4", "--tasks-total=20", "--senders=3", "--task-seconds=0.01"]
 TINY_NOOP = ["--count=2", "--clients=1,2", "--duration=0.5", "--warmup=0.1"]
@@ -132,3 +133,7 @@ def test_targets_running_services(tmp_path: Path) -> None:
         assert "pool_pss_mib" not in figures
     finally:
         pool.stop()
+
+
+# trial finds no TestCase here: it runs this module through pytest instead.
+testSuite = pytest_module(__file__)

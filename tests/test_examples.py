@@ -7,7 +7,6 @@ import email.policy
 import os
 import smtplib
 import socket
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,8 +14,10 @@ import attrs
 import pytest
 import pytest_twisted
 from aiosmtpd.controller import Controller
+from twisted.internet.task import Clock
 
 from taskoffload import examples
+from tests._trial_bridge import pytest_module
 
 
 def test_noop() -> None:
@@ -37,11 +38,13 @@ def test_cpu() -> None:
     assert examples.cpu(0) == 0
 
 
-def test_sleep_blocks_for_the_given_time() -> None:
-    """sleep blocks for about the given seconds and returns them."""
-    started = time.monotonic()
+def test_sleep_blocks_for_the_given_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """sleep blocks (time.sleep) for the given seconds, given as text too, and returns them."""
+    slept: list[float] = []
+    monkeypatch.setattr(examples.time, "sleep", slept.append)
     assert examples.sleep(0.05) == 0.05
-    assert time.monotonic() - started >= 0.05
+    assert examples.sleep("2") == "2"  # type: ignore[arg-type]  # JSON callers may send text
+    assert slept == [0.05, 2.0]
 
 
 def test_fail_raises() -> None:
@@ -58,20 +61,18 @@ async def test_whoami_names_the_process() -> None:
     assert await examples.whoami() == {"pid": os.getpid()}
 
 
-@pytest_twisted.ensureDeferred
-async def test_whoami_waits_without_blocking() -> None:
-    """whoami waits for its delay on the reactor, not by blocking."""
-    from twisted.internet import reactor
+def test_whoami_waits_without_blocking(monkeypatch: pytest.MonkeyPatch) -> None:
+    """whoami waits for its delay on the reactor's clock, not by blocking, then names the process."""
+    import twisted.internet
 
-    started = time.monotonic()
+    clock = Clock()
+    monkeypatch.setattr(twisted.internet, "reactor", clock)
     deferred = examples.whoami(0.05)
-    assert time.monotonic() - started < 0.05
     assert not deferred.called
-    seen_meanwhile = []
-    reactor.callLater(0, seen_meanwhile.append, True)
-    assert await deferred == {"pid": os.getpid()}
-    assert seen_meanwhile == [True]
-    assert time.monotonic() - started >= 0.05
+    clock.advance(0.049)
+    assert not deferred.called
+    clock.advance(0.001)
+    assert deferred.result == {"pid": os.getpid()}
 
 
 # -- send_mail against a real SMTP server --------------------------------------------
@@ -157,3 +158,7 @@ def test_send_mail_without_server_raises(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setenv("TASKOFFLOAD_SMTP_PORT", str(free_port()))
     with pytest.raises(OSError):
         examples.send_mail(to="a@example.org", subject="s", body="b")
+
+
+# trial finds no TestCase here: it runs this module through pytest instead.
+testSuite = pytest_module(__file__)

@@ -28,6 +28,7 @@ from taskoffload import gateway as gateway_module
 from taskoffload import wire
 from taskoffload.gateway import GatewayFactory, GatewayLimits, GatewayProtocol, GatewayStats
 from taskoffload.testing import FakeTaskPool
+from tests._trial_bridge import pytest_module
 
 
 def echo(**kwargs: Any) -> dict[str, Any]:
@@ -755,3 +756,7 @@ def test_waiting_call_times_out_and_can_be_cancelled() -> None:
     gateway.clock.advance(5)
     assert errors(peer.take()) == [error(3, "cancelled"), error(2, "timeout")]
     assert len(gateway.pool.pending) == 1
+
+
+# trial finds no TestCase here: it runs this module through pytest instead.
+testSuite = pytest_module(__file__)

@@ -17,6 +17,7 @@ from twisted.internet.testing import StringTransport
 
 from taskoffload.gateway import GatewayAccess, GatewayFactory
 from taskoffload.testing import FakeTaskPool
+from tests._trial_bridge import pytest_module
 
 TOKEN = "s3cret-Token_42"
 
@@ -170,3 +171,7 @@ def test_handshake_open_by_default(txaio_clock: Clock) -> None:
     """With no access rules any handshake is upgraded, whatever its origin."""
     response = opening(GatewayAccess(), b"/ws", b"Origin: https://anywhere.example")
     assert status_line(response).startswith(b"HTTP/1.1 101")
+
+
+# trial finds no TestCase here: it runs this module through pytest instead.
+testSuite = pytest_module(__file__)

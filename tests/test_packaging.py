@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import taskoffload
+from tests._trial_bridge import pytest_module
 
 REPO = Path(__file__).resolve().parents[1]
 PLUGIN = "twisted/plugins/taskoffload_plugin.py"
@@ -44,7 +45,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> zipfile.ZipFile:
     return zipfile.ZipFile(built)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.timeout(300)
 def test_wheel_ships_plugin_without_twisted_package(wheel: zipfile.ZipFile) -> None:
     """The wheel holds the twistd plugin file but no __init__.py that would shadow Twisted."""
@@ -56,7 +57,7 @@ def test_wheel_ships_plugin_without_twisted_package(wheel: zipfile.ZipFile) -> N
     assert "twisted/plugins/dropin.cache" not in names
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.timeout(300)
 def test_wheel_ships_package_and_static_files(wheel: zipfile.ZipFile) -> None:
     """The wheel holds the taskoffload package and its static files, and no tests."""
@@ -68,7 +69,7 @@ def test_wheel_ships_package_and_static_files(wheel: zipfile.ZipFile) -> None:
     assert not any("__pycache__" in n for n in names)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.timeout(300)
 def test_wheel_metadata(wheel: zipfile.ZipFile) -> None:
     """The wheel's metadata carries the package version and the runtime requirements."""
@@ -111,6 +112,7 @@ def test_plugin_is_discovered() -> None:
     assert issubclass(maker.options, usage.Options)
 
 
+@pytest.mark.integration
 def test_twistd_lists_plugin(tmp_path: Path) -> None:
     """`twistd --help`, run away from the repo, lists the taskoffload command."""
     twistd = Path(sys.executable).with_name("twistd")
@@ -125,3 +127,7 @@ def test_twistd_lists_plugin(tmp_path: Path) -> None:
         timeout=60,
     ).stdout
     assert any(line.split()[:1] == ["taskoffload"] for line in output.splitlines()), output
+
+
+# trial finds no TestCase here: it runs this module through pytest instead.
+testSuite = pytest_module(__file__)

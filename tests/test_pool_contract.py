@@ -26,6 +26,7 @@ from taskoffload.client import ITaskPool, TaskClient, TaskError
 from taskoffload.registry import TaskRegistry, task
 from taskoffload.testing import FakeTaskPool
 from taskoffload.worker import TaskServerFactory
+from tests._trial_bridge import pytest_module
 
 PORT = 12345
 
@@ -415,3 +416,7 @@ def test_bad_timeout_rejected(harness: Harness, timeout: float) -> None:
     """A timeout that is not a positive finite number raises ValueError at once."""
     with pytest.raises(ValueError):
         harness.pool.send_task("add", (1, 2), timeout=timeout)
+
+
+# trial finds no TestCase here: it runs this module through pytest instead.
+testSuite = pytest_module(__file__)

@@ -11,6 +11,7 @@ from twisted.python import usage
 
 from taskoffload import tap, wire
 from taskoffload.supervisor import PoolConfig, WorkerPoolService
+from tests._trial_bridge import pytest_module
 
 
 def parse(*args: str) -> tap.Options:
@@ -274,3 +275,7 @@ def test_missing_tasks_module_refused() -> None:
         parse("--role=worker", "--tasks=no_such_tasks_module")
     with pytest.raises(usage.UsageError, match="no such module"):
         parse("--role=worker", "--tasks=no_such_package.tasks")
+
+
+# trial finds no TestCase here: it runs this module through pytest instead.
+testSuite = pytest_module(__file__)

@@ -12,6 +12,7 @@ from twisted.python import usage
 
 from taskoffload import tap
 from taskoffload.service import GatewayService
+from tests._trial_bridge import pytest_module
 
 
 def parse(*args: str) -> tap.Options:
@@ -106,3 +107,7 @@ def test_access_options_not_for_workers(args: list[str]) -> None:
     """The worker role refuses the gateway's access options."""
     with pytest.raises(usage.UsageError, match="are for the gateway"):
         parse("--role=worker", *args)
+
+
+# trial finds no TestCase here: it runs this module through pytest instead.
+testSuite = pytest_module(__file__)

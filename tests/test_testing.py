@@ -19,6 +19,7 @@ from zope.interface.verify import verifyObject
 from taskoffload import wire
 from taskoffload.client import ITaskPool, TaskError
 from taskoffload.testing import FakeCall, FakeTaskPool
+from tests._trial_bridge import pytest_module
 
 
 def count(n: int, progress: Callable[[Any], None]) -> int:
@@ -294,3 +295,7 @@ def test_bad_options(options: dict[str, Any]) -> None:
     """An out-of-range timeout, slots or prefetch raises ValueError, as the real client's."""
     with pytest.raises(ValueError):
         FakeTaskPool(**options)
+
+
+# trial finds no TestCase here: it runs this module through pytest instead.
+testSuite = pytest_module(__file__)

@@ -9,6 +9,7 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactor, StringTransport
 
 from taskoffload._transport import write_now
+from tests._trial_bridge import pytest_module
 
 
 def connection_pair() -> tuple[tcp.Connection, socket.socket]:
@@ -74,3 +75,7 @@ def test_other_transports_get_a_plain_write() -> None:
     transport = StringTransport()
     write_now(transport, b"line\n")
     assert transport.value() == b"line\n"
+
+
+# trial finds no TestCase here: it runs this module through pytest instead.
+testSuite = pytest_module(__file__)

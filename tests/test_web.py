@@ -20,6 +20,7 @@ from taskoffload.gateway import GatewayFactory, GatewayStats
 from taskoffload.service import pool_address
 from taskoffload.testing import FakeTaskPool
 from taskoffload.web import GatewayMetrics, make_site, status_document
+from tests._trial_bridge import pytest_module
 
 STATUS: dict[str, Any] = {
     "gateway": {"clients": 2, "inflight": 3, "requests": 10},
@@ -190,3 +191,7 @@ def test_pool_address_unnamed_unix() -> None:
     """An unnamed UNIX socket cannot be reached, and says so."""
     with pytest.raises(ValueError):
         pool_address(Port(UNIXAddress(None)))  # type: ignore[arg-type]
+
+
+# trial finds no TestCase here: it runs this module through pytest instead.
+testSuite = pytest_module(__file__)

@@ -14,6 +14,7 @@ from twisted.web.test.requesthelper import DummyRequest
 from taskoffload.gateway import GatewayAccess, GatewayFactory
 from taskoffload.testing import FakeTaskPool
 from taskoffload.web import GatewayMetrics, access_log_line, make_site
+from tests._trial_bridge import pytest_module
 
 TOKEN = "s3cret-Token_42"
 
@@ -93,3 +94,7 @@ def test_access_log_drops_queries() -> None:
     )
     assert '"http://gw/"' in line
     assert 'agent \\"quoted\\"' in line
+
+
+# trial finds no TestCase here: it runs this module through pytest instead.
+testSuite = pytest_module(__file__)
