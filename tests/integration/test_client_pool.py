@@ -51,13 +51,16 @@ class ClientPoolTests(IntegrationTestCase):
 
     async def test_noop_not_stuck_behind_sleep(self):
         """A ``noop`` sent while a ``sleep(2)`` runs returns in under 0.2 s."""
-        _, port = self.pool(8)
+        tree, port = self.pool(8)
         client = _client(port)
         try:
             sleeping = client.call("sleep", seconds=2)
-            await task.deferLater(
-                __import__("twisted.internet.reactor").internet.reactor, 0.1, lambda: None
-            )
+
+            def sleep_accepted() -> bool:
+                ours = client_ports(tree, port)
+                return bool(ours) and accepted_by_workers(tree, ours)
+
+            await _poll(sleep_accepted, 5, "a worker to take the sleep")
             start = time.monotonic()
             assert await client.call("noop") is None
             assert time.monotonic() - start < 0.2
