@@ -521,23 +521,28 @@ class TaskServerFactory(Factory):
         timeout = request.timeout if request.timeout is not None else spec.timeout
         if timeout is None:
             timeout = self.task_timeout
-        deadline = None if timeout is None else self.clock.seconds() + timeout
         sync_deadlines = self._sync_deadlines
 
         def start() -> Deferred[Any]:
-            if deadline is None or sync_deadlines is None:
+            # The deadline counts from here, once the task has a slot: time spent
+            # waiting for one (behind another connection's task) does not count.
+            begun = self.clock.seconds()
+            if timeout is None or sync_deadlines is None:
                 started = defer.maybeDeferred(spec.function, *bound.args, **bound.kwargs)
             else:
-                sync_deadlines.arm(max(deadline - self.clock.seconds(), 0.001))
+                sync_deadlines.arm(timeout)
                 try:
                     started = defer.maybeDeferred(spec.function, *bound.args, **bound.kwargs)
                 finally:
                     sync_deadlines.disarm()
-            return started.addCallback(_await_coroutine)
+            started.addCallback(_await_coroutine)
+            if timeout is not None:
+                # What the synchronous part took counts toward the deadline.
+                left = max(begun + timeout - self.clock.seconds(), 0.001)
+                started.addTimeout(left, self.clock)
+            return started
 
         d = self._slots.run(start)
-        if timeout is not None:
-            d.addTimeout(timeout, self.clock)
 
         def succeeded(value: Any) -> wire.Result:
             self.tasks_done += 1
