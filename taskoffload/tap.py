@@ -51,8 +51,18 @@ def _positive_float(value: str) -> float:
     return number
 
 
+def _whole_seconds(value: str) -> float:
+    # Autobahn's pings run on txaio's batched timers, which count in whole
+    # seconds: a fractional interval would drop peers that do answer.
+    number = float(value)
+    if not (number >= 1 and number.is_integer()):
+        raise ValueError("must be a whole number of seconds, at least 1")
+    return number
+
+
 _positive_int.coerceDoc = "A whole number, at least 1."  # type: ignore[attr-defined]  # read by usage.Options
 _positive_float.coerceDoc = "Seconds, above 0."  # type: ignore[attr-defined]  # read by usage.Options
+_whole_seconds.coerceDoc = "Whole seconds, at least 1."  # type: ignore[attr-defined]  # read by usage.Options
 
 
 class Options(usage.Options):
@@ -165,7 +175,7 @@ class Options(usage.Options):
             None,
             30.0,
             "Gateway: seconds between WebSocket pings; a peer silent as long again is dropped.",
-            _positive_float,
+            _whole_seconds,
         ],
         [
             "secret-file",

@@ -72,6 +72,9 @@ def test_tasks_not_shared() -> None:
         ["--stop-timeout=0"],
         ["--stop-timeout=-5"],
         ["--smtp-port=0"],
+        ["--auto-ping=0"],
+        ["--auto-ping=0.5"],
+        ["--auto-ping=1.5"],
     ],
 )
 def test_out_of_range_rejected(args: list[str]) -> None:
@@ -278,4 +281,11 @@ def test_missing_tasks_module_refused() -> None:
 
 
 # trial finds no TestCase here: it runs this module through pytest instead.
+def test_auto_ping_takes_whole_seconds() -> None:
+    """--auto-ping takes whole seconds, the unit the ping timers run in."""
+    assert parse("--auto-ping=2")["auto-ping"] == 2.0
+    with pytest.raises(usage.UsageError, match="whole number of seconds"):
+        parse("--auto-ping=0.5")
+
+
 testSuite = pytest_module(__file__)

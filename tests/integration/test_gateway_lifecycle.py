@@ -116,8 +116,8 @@ class GatewayLifecycleTests(IntegrationTestCase):
     def test_auto_ping_drops_a_silent_peer(self):
         """docs/gateway.rst (Bounds): with ``--auto-ping 1`` a client that leaves the
         gateway's pings unanswered is dropped; one that answers them is kept and served."""
-        # A whole number of seconds: Autobahn's timers (txaio's batched timer) round
-        # down to whole seconds, so a pong's timeout of 0.5 s can expire at once.
+        # --auto-ping takes whole seconds (Autobahn's timers, txaio's batched timer,
+        # count in whole seconds); 1 is the smallest.
         _, port, _ = self.role_all(1, "--auto-ping", "1")
         silent = SilentPeer(port)
         self.addCleanup(silent.close)
