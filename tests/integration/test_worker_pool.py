@@ -76,6 +76,36 @@ class WorkerPoolTests(IntegrationTestCase):
         parametrized(BAD_INPUTS)(_bad_input_gets_documented_error_and_pool_keeps_serving)
     )
 
+    def test_only_registered_tasks_run(self):
+        """Builtins, attribute paths and module globals are ``unknown_function``: only
+        registered task names run, nothing is looked up from the wire."""
+        _, port = self.pool(1)
+        client = LineClient(port)
+        self.addCleanup(client.close)
+        names = [
+            "eval",
+            "exec",
+            "open",
+            "print",
+            "getattr",
+            "__import__",
+            "noop.__globals__",
+            "echo.__code__",
+            "os.system",
+            "taskoffload.examples.noop",
+            "task",
+        ]
+        for n, name in enumerate(names):
+            request = {"id": n, "function": name, "args": ["1"]}
+            client.send(json.dumps(request).encode() + b"\n")
+        replies = {}
+        for _ in names:
+            reply = client.reply()
+            replies[names[reply["id"]]] = reply["error"]["code"]
+        assert replies == dict.fromkeys(names, "unknown_function")
+        client.send(b'{"id": "after", "function": "noop"}\n')
+        assert client.reply() == {"id": "after", "result": None}
+
     def test_ids_of_bad_requests_are_echoed(self):
         """A bad request whose id could be read gets its error under that id."""
         _, port = self.pool(1)

@@ -45,6 +45,25 @@ class WorkerSecretTests(IntegrationTestCase):
         assert bad.reply()["error"]["code"] == "unauthorized"
         assert wait_for(bad.closed, 5, what="the worker to close")
 
+    def test_each_connection_gets_its_own_nonce_and_a_replay_is_refused(self):
+        """Two connections get different challenge nonces, and the answer recorded on
+        the first, replayed on the second, gets ``unauthorized`` and a close."""
+        _, port, secret = _secret_pool(self.twistd, self.tmp_path)
+        first, second = LineClient(port), LineClient(port)
+        self.addCleanup(first.close)
+        self.addCleanup(second.close)
+        nonces = [first.reply()["challenge"], second.reply()["challenge"]]
+        assert nonces[0] != nonces[1], nonces
+        recorded = hmac.new(secret, nonces[0].encode(), hashlib.sha256).hexdigest()
+        first.send(json.dumps({"auth": recorded}).encode() + b"\n")
+        first.send(b'{"id": 1, "function": "noop"}\n')
+        assert first.reply() == {"id": 1, "result": None}
+        second.send(json.dumps({"auth": recorded}).encode() + b"\n")
+        second.send(b'{"id": 2, "function": "noop"}\n')
+        refused = second.reply()
+        assert refused["error"]["code"] == "unauthorized", refused
+        assert wait_for(second.closed, 5, what="the worker to close the replaying connection")
+
     async def test_task_client_with_and_without_the_secret(self):
         """TaskClient given the secret is served; one without it fails naming the secret."""
         from twisted.internet import reactor
