@@ -31,6 +31,7 @@ from taskoffload.client import (
     TaskClient,
     TaskError,
 )
+from tests._trial_bridge import pytest_module
 
 ADDRESS = "tcp:127.0.0.1:12345"
 
@@ -1311,3 +1312,88 @@ def test_prefetch_must_not_be_negative() -> None:
     """A negative prefetch is refused."""
     with pytest.raises(ValueError, match="prefetch"):
         TaskClient(MemoryReactorClock(), [ADDRESS], prefetch=-1)
+
+
+# Bad replies and what they take with them
+
+
+def test_bad_line_on_an_idle_connection_drops_it() -> None:
+    """Garbage from a worker with nothing in flight closes that connection; calls go on."""
+    pool = Pool()
+    first = Outcome(pool.client.call("noop"))
+    worker = pool.accept()
+    worker.answer("one")
+    assert first.result == "one"
+    with capturedLogs():
+        worker.protocol.dataReceived(b"not json\n")
+    assert worker.closing
+    worker.drop()
+    second = Outcome(pool.client.call("noop"))
+    assert len(pool.attempts) == 2
+    pool.accept().answer("two")
+    assert second.result == "two"
+
+
+def test_bad_reply_fails_the_prefetched_call_with_worker_lost() -> None:
+    """A bad reply fails the running call and the one sent ahead, both with worker_lost."""
+    pool, worker, first = prefetching_pool()
+    second = Outcome(pool.client.call("noop"))
+    with capturedLogs():
+        worker.protocol.dataReceived(b"not json\n")
+    for outcome in (first, second):
+        assert outcome.error.code == wire.WORKER_LOST
+        assert outcome.error.message.startswith(f"bad reply from {ADDRESS}: ")
+    assert worker.closing
+
+
+def test_bad_reply_retry_skips_idle_connections_to_that_worker() -> None:
+    """An idempotent call resent after a bad reply goes to another worker, not to an idle
+    connection of the worker that sent it."""
+    pool = Pool()
+    pool.client.call("noop")
+    pool.client.call("noop")
+    outcome = Outcome(pool.client.call("idem"))
+    same_idle = pool.accept(0, worker=7, concurrency=2)
+    other = pool.accept(1, worker=9)
+    bad = pool.accept(2, worker=7, retry=["idem"], concurrency=2)
+    other.answer()
+    same_idle.answer()
+    with capturedLogs():
+        bad.protocol.dataReceived(b"not json\n")
+    assert same_idle.closing
+    assert other.received()[-1] == {"id": 3, "function": "idem", "args": {}}
+    other.answer("ok")
+    assert outcome.result == "ok"
+
+
+def test_every_idempotent_call_sent_ahead_is_sent_again() -> None:
+    """With prefetch=2, both idempotent calls sent ahead on a lost connection go out again."""
+    pool = Pool(prefetch=2)
+    first = Outcome(pool.client.call("noop"))
+    worker = pool.accept(0, slots=1, retry=["idem"])
+    ahead = [Outcome(pool.client.call("idem")) for _ in range(2)]
+    assert requests(worker) == [1, 2, 3]
+    worker.drop(ConnectionLost("killed"))
+    assert first.error.code == wire.WORKER_LOST
+    again = pool.accept(1, slots=1)
+    assert requests(again) == [2, 3]
+    again.reply({"id": 2, "result": "a"})
+    again.reply({"id": 3, "result": "b"})
+    assert [o.result for o in ahead] == ["a", "b"]
+
+
+def test_call_cancelled_in_flight_is_not_sent_again_after_goodbye() -> None:
+    """A call its caller cancelled is not sent out again when the worker then says goodbye."""
+    pool = Pool()
+    deferred = pool.client.call("noop")
+    outcome = Outcome(deferred)
+    worker = pool.accept()
+    deferred.cancel()
+    assert outcome.error.code == wire.CANCELLED
+    worker.protocol.dataReceived(wire.encode_goodbye(wire.Goodbye(reason="worker stopping")))
+    assert worker.closing
+    assert len(pool.attempts) == 1
+
+
+# trial finds no TestCase here: it runs this module through pytest instead.
+testSuite = pytest_module(__file__)

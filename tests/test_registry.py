@@ -10,10 +10,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 
 from taskoffload import task, wire
 from taskoffload.registry import TaskRegistry, TaskSpec, load_tasks
+from taskoffload.worker import TaskServerFactory
+from tests._trial_bridge import pytest_module
 
 _module_numbers = itertools.count()
 
@@ -104,6 +109,33 @@ def test_from_functions_rejects_duplicate_names() -> None:
         TaskRegistry.from_functions([one, two])
 
 
+def test_duplicate_names_say_which_function_clashes() -> None:
+    """The refusal of a duplicate name names the function that claimed it again."""
+
+    @task(name="same")
+    def first() -> None: ...
+
+    @task(name="same")
+    def second() -> None: ...
+
+    with pytest.raises(ValueError) as info:
+        TaskRegistry.from_functions([first, second])
+    assert str(info.value) == f"task name 'same' is registered twice (again in {second!r})"
+
+
+def test_spec_without_signature_binds() -> None:
+    """A TaskSpec built by hand, without a signature, binds and rejects like a registered one."""
+
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    spec = TaskSpec(name="add", function=add)
+    assert spec.bind((1,), {"b": 2}).arguments == {"a": 1, "b": 2}
+    with pytest.raises(wire.BadMessage) as info:
+        spec.bind((1, 2, 3), {})
+    assert info.value.code == wire.BAD_ARGUMENTS
+
+
 def test_names_are_sorted() -> None:
     """names() lists the registered names in order."""
 
@@ -175,6 +207,26 @@ def test_load_tasks_reads_tasks_mapping(write_module: WriteModule) -> None:
     assert registry.lookup("sum").function(2, 3) == 5
     careful = registry.lookup("careful")
     assert (careful.name, careful.timeout, careful.retry) == ("careful", 9, True)
+
+
+def test_tasks_mapping_plain_function_is_not_idempotent(write_module: WriteModule) -> None:
+    """A plain function in TASKS is not retried: the worker's session ack names no retry task."""
+    name = write_module("def add(a, b):\n    return a + b\n\nTASKS = {'sum': add}\n")
+    registry = load_tasks([name])
+    protocol = TaskServerFactory(registry, Clock(), worker_id=1).buildProtocol(None)
+    assert protocol is not None
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(b'{"session": {"reject_when_busy": true}}\n')
+    assert orjson.loads(transport.value()) == {"session": {"worker": 1, "concurrency": 1}}
+
+
+def test_tasks_mapping_duplicate_names_the_module(write_module: WriteModule) -> None:
+    """A TASKS entry clashing with a task of another module is refused naming its module."""
+    first = write_module("from taskoffload import task\n@task\ndef echo(): return 1\n")
+    second = write_module("def other(): return 2\n\nTASKS = {'echo': other}\n")
+    with pytest.raises(ValueError, match=rf"'echo' is registered twice \(again in {second}\)$"):
+        load_tasks([first, second])
 
 
 def test_load_tasks_merges_modules(write_module: WriteModule) -> None:
@@ -249,6 +301,69 @@ def test_load_tasks_of_examples() -> None:
         "sleep",
         "whoami",
     ]
+
+
+def reply_to(registry: TaskRegistry, request: dict[str, Any]) -> dict[str, Any]:
+    """The reply a worker serving ``registry`` sends to one request."""
+    protocol = TaskServerFactory(registry, Clock()).buildProtocol(None)
+    assert protocol is not None
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(orjson.dumps(request) + b"\n")
+    [line] = transport.value().splitlines()
+    reply: dict[str, Any] = orjson.loads(line)
+    return reply
+
+
+@pytest.mark.parametrize(
+    "function",
+    [
+        "helper",
+        "{module}.helper",
+        "{module}.registered",
+        "os",
+        "{module}.os.system",
+        "registered.__globals__",
+        "_private",
+        "CONSTANT",
+    ],
+)
+def test_unregistered_names_of_a_tasks_module_are_unknown_function(
+    write_module: WriteModule, function: str
+) -> None:
+    """A --tasks module's plain functions, imports and attributes are not tasks: a request
+    for one gets unknown_function and does not run it."""
+    name = write_module(
+        """
+        import os
+
+        from taskoffload import task
+
+        RAN = []
+        CONSTANT = 1
+
+        @task
+        def registered():
+            RAN.append("registered")
+            return "ok"
+
+        def helper():
+            RAN.append("helper")
+            return "helper ran"
+
+        def _private():
+            RAN.append("_private")
+        """
+    )
+    registry = load_tasks([name])
+    function = function.format(module=name)
+    reply = reply_to(registry, {"id": 1, "function": function})
+    assert reply == {
+        "id": 1,
+        "error": {"code": "unknown_function", "message": f"no task named {function!r}"},
+    }
+    assert sys.modules[name].RAN == []
+    assert reply_to(registry, {"id": 2, "function": "registered"}) == {"id": 2, "result": "ok"}
 
 
 # -- binding arguments ---------------------------------------------------------------
@@ -349,3 +464,7 @@ def test_progress_is_an_ordinary_keyword_for_other_tasks() -> None:
     spec = spec_of(collect)
     assert not spec.wants_progress
     assert spec.bind((), {"progress": 1}).kwargs == {"progress": 1}
+
+
+# trial finds no TestCase here: it runs this module through pytest instead.
+testSuite = pytest_module(__file__)

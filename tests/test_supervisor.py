@@ -31,6 +31,7 @@ from taskoffload.supervisor import (
     _ForkServerProtocol,
     _with_backlog,
 )
+from tests._trial_bridge import pytest_module
 
 #: A moment, exact in binary floating point so that clock sums stay exact.
 EPSILON = 1 / 64
@@ -216,6 +217,109 @@ def test_stable_run_resets_backoff() -> None:
     assert len(pool.forks()) == 3
     pool.reactor.advance(EPSILON)
     assert len(pool.forks()) == 4
+
+
+def test_young_worker_that_served_is_restarted_at_once() -> None:
+    """A worker SIGKILLed 0.1 s after it served is re-forked with no delay, every time."""
+    pool = Pool(count=1)
+    for n in range(4):
+        pid = 500 + n
+        pool.start_worker(0, pid)
+        pool.event("stats", index=0, pid=pid, tasks_done=1, rss_mib=10.0)
+        pool.reactor.advance(0.1)
+        with capturedLogs() as events:
+            pool.event("exited", index=0, pid=pid, code=-9)
+        assert pool.forks() == [0] * (n + 1), f"kill {n + 1} was not re-forked at once"
+        assert pool.reactor.getDelayedCalls() == []
+        assert any(t.endswith("restarting in 0.0 s") for t in texts(events)), texts(events)
+    assert pool.status()["restarts"] == 4
+
+
+def test_young_worker_that_served_after_crashes_is_restarted_at_once() -> None:
+    """Serving clears a crash loop's backoff: the next young death is re-forked at once."""
+    pool = Pool(count=1)
+    crash(pool, pid=101)
+    pool.reactor.advance(0.5)
+    crash(pool, pid=102)
+    pool.reactor.advance(1.0)
+    assert len(pool.forks()) == 2
+    pool.start_worker(0, 103)
+    pool.reactor.advance(0.1)
+    pool.event("exited", index=0, pid=103, code=-9)
+    assert len(pool.forks()) == 3
+    assert pool.reactor.getDelayedCalls() == []
+    crash(pool, pid=104)
+    pool.reactor.advance(0.5 - EPSILON)
+    assert len(pool.forks()) == 3
+    pool.reactor.advance(EPSILON)
+    assert len(pool.forks()) == 4
+
+
+def test_young_worker_that_never_served_is_backed_off() -> None:
+    """A worker that dies 0.9 s after its fork without serving waits 0.5 s, then 1 s."""
+    pool = Pool(count=1)
+    for attempt, delay in enumerate([0.5, 1.0], start=1):
+        crash(pool, pid=600 + attempt, runs=1.0 - 0.125)
+        assert len(pool.forks()) == attempt - 1
+        assert [c.getTime() for c in pool.reactor.getDelayedCalls()] == [
+            pool.reactor.seconds() + delay
+        ]
+        pool.reactor.advance(delay)
+        assert len(pool.forks()) == attempt
+
+
+def test_worker_that_ran_exactly_a_second_is_restarted_at_once() -> None:
+    """A worker that dies STABLE_SECONDS after its fork, never having served, is no crash loop."""
+    pool = Pool(count=1)
+    crash(pool, pid=101, runs=supervisor.STABLE_SECONDS)
+    assert pool.forks() == [0]
+    assert pool.reactor.getDelayedCalls() == []
+
+
+def test_replacement_of_a_recycled_worker_is_backed_off_when_it_crash_loops() -> None:
+    """After a recycle, a replacement that dies young without serving waits 0.5 s, then 1 s."""
+    pool = Pool(count=1)
+    crash(pool, pid=101)
+    pool.reactor.advance(0.5)
+    pool.start_worker(0, 102)
+    pool.event("recycling", index=0, pid=102, reason="ran 3 tasks")
+    pool.event("exited", index=0, pid=102, code=0)
+    assert len(pool.forks()) == 2
+    for attempt, delay in enumerate([0.5, 1.0], start=3):
+        crash(pool, pid=100 + attempt)
+        pool.reactor.advance(delay - EPSILON)
+        assert len(pool.forks()) == attempt - 1, f"re-forked before {delay} s"
+        pool.reactor.advance(EPSILON)
+        assert len(pool.forks()) == attempt, f"not re-forked after {delay} s"
+    assert (pool.status()["restarts"], pool.status()["recycled"]) == (3, 1)
+
+
+def test_restart_due_while_the_fork_server_is_away_happens_when_it_is_ready() -> None:
+    """A backed-off restart that comes due with no fork server is made once one is ready."""
+    pool = Pool(count=1)
+    crash(pool, pid=101)
+    pool.service._fork_server = None
+    with capturedLogs() as events:
+        pool.reactor.advance(0.5)
+    assert not [e for e in events if e.get("log_failure") is not None]
+    assert pool.forks() == []
+    pool.service._fork_server = pool.fork_server
+    pool.event("ready")
+    assert pool.forks() == [0]
+
+
+def test_slot_task_count_adds_up_over_several_processes() -> None:
+    """A slot's tasks_done sums its processes' final counts; a down slot shows no memory."""
+    pool = Pool(count=1)
+    for n, done in enumerate([3, 4, 5]):
+        pid = 700 + n
+        pool.start_worker(0, pid)
+        pool.event("stats", index=0, pid=pid, tasks_done=done - 1, rss_mib=12.0)
+        pool.reactor.advance(2.0)
+        pool.event("stopped", index=0, pid=pid, tasks_done=done)
+        pool.event("exited", index=0, pid=pid, code=0)
+    [worker] = pool.status()["workers"]
+    assert (worker["state"], worker["tasks_done"], worker["rss_mib"]) == ("down", 12, None)
 
 
 def test_stale_exit_ignored() -> None:
@@ -534,3 +638,7 @@ def test_worker_stats_in_status_and_kept_across_restarts() -> None:
     pool.event("stats", index=0, pid=401, tasks_done=1, rss_mib=11.0)
     [worker] = pool.status()["workers"]
     assert (worker["tasks_done"], worker["rss_mib"]) == (10, 11.0)
+
+
+# trial finds no TestCase here: it runs this module through pytest instead.
+testSuite = pytest_module(__file__)

@@ -26,6 +26,7 @@ from taskoffload.wire import (
     encode_request,
     encode_session,
 )
+from tests._trial_bridge import pytest_module
 
 
 def line(obj: Any) -> bytes:
@@ -532,3 +533,98 @@ def test_any_request_round_trips(
     """Any request within 64-bit integers decodes to what encode_request wrote."""
     request_ = Request(id=request_id, function=function, args=args, kwargs=kwargs, timeout=timeout)
     assert decode_message(encode_request(request_)[:-1]) == request_
+
+
+# -- exact rejections (docs/protocol.rst shows them to people) -----------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"", "empty message"),
+        (b"[1]", "a message must be a JSON object, not an array"),
+        (b'"x"', "a message must be a JSON object, not a string"),
+        (b"true", "a message must be a JSON object, not a boolean"),
+        (b"1.5", "a message must be a JSON object, not a number"),
+        (b"null", "a message must be a JSON object, not null"),
+        (b'{"auth": 5}', 'an answer to a challenge is {"auth": HEX}'),
+        (b'{"auth": "ab", "id": 1}', 'an answer to a challenge is {"auth": HEX}'),
+        (b'{"session": 1}', 'a session is {"session": {OPTIONS}}'),
+        (b'{"session": {"reject_when_busy": 1}}', '"reject_when_busy" must be true or false'),
+        (b'{"cancel": null}', 'a cancel is {"cancel": ID} with a string or number ID'),
+        (b'{"id": [1], "function": "f"}', "id must be a JSON string or number"),
+        (b'{"id": 1}', 'missing "function": the name of a task, as a string'),
+        (
+            b'{"id": 1, "function": "f", "args": 3}',
+            '"args" must be an object (keywords) or a list (positional)',
+        ),
+        (b'{"id": 1, "function": "f", "kwargs": [1]}', '"kwargs" must be an object'),
+        (
+            b'{"id": 1, "function": "f", "args": {"a": 1, "b": 1}, "kwargs": {"b": 2, "a": 2}}',
+            "arguments given twice: a, b",
+        ),
+        (
+            b'{"id": 1, "function": "f", "timeout": 0}',
+            '"timeout" must be a positive number of seconds',
+        ),
+        (
+            b'{"id": 1, "function": "f", "batch": {}}',
+            '"batch" must be a list of argument objects or lists',
+        ),
+    ],
+)
+def test_rejection_messages(data: bytes, message: str) -> None:
+    """Each rejection carries its documented message, for the person reading the reply."""
+    with pytest.raises(BadMessage) as info:
+        decode_message(data)
+    assert info.value.code == wire.BAD_REQUEST
+    assert info.value.message == message
+    assert orjson.loads(encode_reply(info.value.to_reply()))["error"]["message"] == message
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b'{"result": 1}', "a reply must be an object with an id"),
+        (b'{"id": 3, "colour": 1}', "a reply holds one of result, error or progress"),
+    ],
+)
+def test_reply_rejection_messages(data: bytes, message: str) -> None:
+    """A line a client cannot read as a reply is rejected saying why, with its id."""
+    with pytest.raises(BadMessage) as info:
+        decode_reply(data)
+    assert info.value.message == message
+    assert info.value.request_id == (3 if b'"id"' in data else None)
+
+
+def test_result_with_big_integer_and_nan_becomes_task_failed() -> None:
+    """A result orjson refuses and JSON cannot hold (a huge integer beside NaN) is
+    task_failed on a valid JSON line, not a line with a bare NaN."""
+    data = encode_reply(Result(id=1, result=[2**70, float("nan")]))
+    assert b"NaN" not in data
+    reply = orjson.loads(data)
+    assert reply["error"]["code"] == wire.TASK_FAILED
+    assert reply["error"]["type"] == "ValueError"
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        wire.SessionAck(worker=7, retry=("mail",), slots=4, concurrency=2),
+        wire.Goodbye(reason="worker stopping"),
+        wire.Challenge(nonce="00ff"),
+    ],
+    ids=["session-ack", "goodbye", "challenge"],
+)
+def test_control_replies_round_trip_through_encode_reply(reply: wire.Reply) -> None:
+    """encode_reply writes a session ack, a goodbye or a challenge that reads back the same."""
+    assert decode_reply(encode_reply(reply)[:-1]) == reply
+
+
+def test_session_ack_with_odd_worker_reads_as_unknown_worker() -> None:
+    """A session ack whose worker is not an integer reads as an unknown worker."""
+    assert decode_reply(b'{"session": {"worker": "x"}}') == wire.SessionAck(worker=None)
+
+
+# trial finds no TestCase here: it runs this module through pytest instead.
+testSuite = pytest_module(__file__)

@@ -25,7 +25,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from taskoffload import wire
-from taskoffload.registry import TaskRegistry, task
+from taskoffload.registry import TaskRegistry, load_tasks, task
 from taskoffload.worker import (
     RESERVATION_SECONDS,
     DeadlineExceeded,
@@ -34,6 +34,7 @@ from taskoffload.worker import (
     TaskServerFactory,
     TaskServerProtocol,
 )
+from tests._trial_bridge import pytest_module
 
 
 class Tasks:
@@ -1025,16 +1026,28 @@ def test_begin_stop_says_goodbye_when_each_connection_is_done() -> None:
     assert ran == ["slow"]
 
 
-def _secret_server() -> tuple[TaskServerProtocol, StringTransport]:
+def _secret_factory(ran: list[str] | None = None) -> TaskServerFactory:
+    """A server with one task, ``ping``, guarded by the secret ``s3cret``."""
+
     @task
     def ping() -> str:
+        if ran is not None:
+            ran.append("ping")
         return "pong"
 
-    factory = TaskServerFactory(TaskRegistry.from_functions([ping]), Clock(), secret=b"s3cret")
+    return TaskServerFactory(TaskRegistry.from_functions([ping]), Clock(), secret=b"s3cret")
+
+
+def _secret_connection(factory: TaskServerFactory) -> tuple[TaskServerProtocol, StringTransport]:
     protocol = factory.buildProtocol(None)
+    assert isinstance(protocol, TaskServerProtocol)
     transport = StringTransport()
     protocol.makeConnection(transport)
     return protocol, transport
+
+
+def _secret_server() -> tuple[TaskServerProtocol, StringTransport]:
+    return _secret_connection(_secret_factory())
 
 
 def test_secret_right_answer_then_requests_run() -> None:
@@ -1062,3 +1075,171 @@ def test_secret_wrong_or_missing_answer_is_unauthorized(first: bytes) -> None:
     [reply] = [orjson.loads(line) for line in transport.value().splitlines()]
     assert reply["error"]["code"] == "unauthorized"
     assert transport.disconnecting
+
+
+def test_secret_challenge_is_new_on_every_connection() -> None:
+    """Each connection to one server is challenged with a nonce of its own."""
+    factory = _secret_factory()
+    nonces = []
+    for _ in range(3):
+        _, transport = _secret_connection(factory)
+        nonces.append(orjson.loads(transport.value())["challenge"])
+    assert len(set(nonces)) == 3, nonces
+
+
+def test_secret_answer_replayed_on_another_connection_is_unauthorized() -> None:
+    """The answer recorded from one connection, replayed on another, gets ``unauthorized``
+    and a close; the request after it does not run."""
+    ran: list[str] = []
+    factory = _secret_factory(ran)
+    first, first_transport = _secret_connection(factory)
+    nonce = orjson.loads(first_transport.value())["challenge"]
+    recorded = orjson.dumps({"auth": wire.auth_digest(b"s3cret", nonce)}) + b"\n"
+    first.dataReceived(recorded + b'{"id": 1, "function": "ping"}\n')
+    assert ran == ["ping"]
+    second, second_transport = _secret_connection(factory)
+    second_transport.clear()
+    second.dataReceived(recorded + b'{"id": 2, "function": "ping"}\n')
+    [reply] = [orjson.loads(line) for line in second_transport.value().splitlines()]
+    assert error_of(reply) == (None, wire.UNAUTHORIZED)
+    assert second_transport.disconnecting
+    assert ran == ["ping"]
+
+
+# Only registered names run
+
+
+@pytest.fixture
+def examples_server() -> TaskServerFactory:
+    """A server for the built-in example tasks (``noop``, ``echo``, ...)."""
+    return TaskServerFactory(load_tasks(["taskoffload.examples"]), Clock())
+
+
+@pytest.mark.parametrize(
+    ("function", "args"),
+    [
+        ("eval", ["1 + 1"]),
+        ("exec", ["import os"]),
+        ("open", ["/dev/null"]),
+        ("print", ["hello"]),
+        ("getattr", [[], "__class__"]),
+        ("__import__", ["os"]),
+        ("compile", ["1", "<wire>", "eval"]),
+        ("len", [[1, 2]]),
+        ("noop.__globals__", []),
+        ("echo.__code__", []),
+        ("noop.__call__", []),
+        ("echo.__wrapped__", []),
+        ("os.system", ["exit 0"]),
+        ("builtins.eval", ["1 + 1"]),
+        ("taskoffload.examples.noop", []),
+        ("smtplib.SMTP", []),
+        ("__builtins__", []),
+        ("TASKS", []),
+    ],
+)
+def test_unregistered_name_is_unknown_function(
+    examples_server: TaskServerFactory, function: str, args: list[Any]
+) -> None:
+    """A builtin, an attribute path or a module path is not a task: unknown_function."""
+    connection = Connection(examples_server)
+    connection.call(function, 5, args=args)
+    [reply] = connection.replies()
+    assert error_of(reply) == (5, wire.UNKNOWN_FUNCTION)
+    assert reply["error"]["message"] == f"no task named {function!r}"
+
+
+def test_registered_example_runs_beside_unknown_names(examples_server: TaskServerFactory) -> None:
+    """On the server that refuses builtins, the registered ``echo`` is served."""
+    connection = Connection(examples_server)
+    connection.call("echo", 1, args={"a": 1})
+    assert connection.replies() == [{"id": 1, "result": {"a": 1}}]
+
+
+def test_type_error_inside_task_is_task_failed() -> None:
+    """A TypeError raised inside a task's body is task_failed, not bad_arguments."""
+
+    @task
+    def mistyped(x: int) -> Any:
+        return x + "1"  # type: ignore[operator]  # the bug the task has on purpose
+
+    factory = TaskServerFactory(TaskRegistry.from_functions([mistyped]), Clock())
+    connection = Connection(factory)
+    with capturedLogs():
+        connection.call("mistyped", 3, args=[1])
+    [reply] = connection.replies()
+    assert error_of(reply) == (3, wire.TASK_FAILED)
+    assert reply["error"]["type"] == "TypeError"
+    assert "unsupported operand" in reply["error"]["message"]
+
+
+def test_type_error_from_deferred_task_is_task_failed(server: Server) -> None:
+    """A Deferred task failing with TypeError is task_failed, not bad_arguments."""
+    connection = server.connect()
+    connection.call("wait", 4)
+    with capturedLogs():
+        server.tasks.waiting[0].errback(TypeError("bad operand"))
+    [reply] = connection.replies()
+    assert reply == {
+        "id": 4,
+        "error": {"code": "task_failed", "message": "bad operand", "type": "TypeError"},
+    }
+
+
+@pytest.mark.parametrize(
+    ("first", "message"),
+    [
+        (b'{"auth": "0000"}', "wrong or missing answer to the challenge"),
+        (b'{"id": 1, "function": "ping"}', "wrong or missing answer to the challenge"),
+        (b"not json", "answer the challenge first"),
+    ],
+    ids=["wrong-answer", "request-first", "garbage-first"],
+)
+def test_secret_refusal_says_why(first: bytes, message: str) -> None:
+    """The ``unauthorized`` reply tells the client what was wrong with its first line."""
+    protocol, transport = _secret_server()
+    transport.clear()
+    protocol.dataReceived(first + b"\n")
+    assert orjson.loads(transport.value()) == {
+        "id": None,
+        "error": {"code": "unauthorized", "message": message},
+    }
+
+
+def test_busy_and_batch_replies_say_why() -> None:
+    """The overloaded and batch refusals carry their documented messages."""
+    server = Server()
+    busy, asking = server.connect(), server.connect()
+    asking.send({"session": {"reject_when_busy": True}})
+    busy.call("wait", 1)
+    asking.call("add", 2, args=[1, 2])
+    [busy_reply] = [r for r in asking.replies() if "id" in r]
+    assert busy_reply["error"]["message"] == "this worker is busy; send the request to another"
+    batching = Server().connect()
+    batching.call("add", 3, batch=[[1, 2]])
+    [batch_reply] = batching.replies()
+    assert batch_reply["error"]["message"] == "batches are served by the gateway, not by a worker"
+
+
+def test_late_session_line_is_acknowledged(server: Server) -> None:
+    """A session line sent after the first-byte reservation lapsed still gets its ack."""
+    connection = server.connect()
+    server.clock.advance(RESERVATION_SECONDS)
+    connection.send({"session": {"reject_when_busy": True}})
+    assert connection.replies() == [{"session": {"worker": None, "concurrency": 1}}]
+    connection.call("add", 1, args=[1, 2])
+    assert connection.replies()[1:] == [{"id": 1, "result": 3}]
+
+
+def test_session_request_gives_the_reservation_back_at_once(server: Server) -> None:
+    """A TaskClient's first request ends the slot held for it, not RESERVATION_SECONDS later."""
+    connection = server.connect()
+    connection.send({"session": {"reject_when_busy": True}})
+    assert not server.factory.has_capacity
+    connection.call("add", 1, args=[1, 2])
+    assert server.factory.has_capacity
+    assert server.capacity == [False, True]
+
+
+# trial finds no TestCase here: it runs this module through pytest instead.
+testSuite = pytest_module(__file__)
