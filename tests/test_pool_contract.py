@@ -17,16 +17,16 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs, formatEvent
-from twisted.python.failure import Failure
 from twisted.test.iosim import ConnectionCompleter, IOPump
 from zope.interface.verify import verifyObject
 
 from taskoffload import wire
-from taskoffload.client import ITaskPool, TaskClient, TaskError
+from taskoffload.client import ITaskPool, TaskClient
 from taskoffload.registry import TaskRegistry, task
 from taskoffload.testing import FakeTaskPool
 from taskoffload.worker import TaskServerFactory
 from tests._trial_bridge import pytest_module
+from tests.outcomes import error_of, outcome
 
 PORT = 12345
 
@@ -205,22 +205,6 @@ def make_harness(request: pytest.FixtureRequest, tasks: Tasks) -> Callable[..., 
 def harness(make_harness: Callable[..., Harness]) -> Harness:
     """A pool of the default size and with no default timeout."""
     return make_harness()
-
-
-def outcome(d: Deferred[Any]) -> Any:
-    """The result a fired Deferred holds, or its ``Failure``; fails if unfired."""
-    seen: list[Any] = []
-    d.addBoth(seen.append)
-    assert seen, "the Deferred has not fired"
-    return seen[0]
-
-
-def error_of(d: Deferred[Any]) -> TaskError:
-    """The :class:`TaskError` a fired Deferred failed with."""
-    failure = outcome(d)
-    assert isinstance(failure, Failure), f"expected a TaskError, got result {failure!r}"
-    assert isinstance(failure.value, TaskError), failure
-    return failure.value
 
 
 def answer(harness: Harness, d: Deferred[Any]) -> Any:

@@ -10,38 +10,22 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from twisted.internet.defer import AlreadyCalledError, Deferred
+from twisted.internet.defer import AlreadyCalledError
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
-from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
 from taskoffload import wire
-from taskoffload.client import ITaskPool, TaskError
+from taskoffload.client import ITaskPool
 from taskoffload.testing import FakeCall, FakeTaskPool
 from tests._trial_bridge import pytest_module
+from tests.outcomes import error_of, outcome
 
 
 def count(n: int, progress: Callable[[Any], None]) -> int:
     for i in range(n):
         progress({"done": i})
     return n
-
-
-def outcome(d: Deferred[Any]) -> Any:
-    """The result a fired Deferred holds, or its ``Failure``; fails if unfired."""
-    seen: list[Any] = []
-    d.addBoth(seen.append)
-    assert seen, "the Deferred has not fired"
-    return seen[0]
-
-
-def error_of(d: Deferred[Any]) -> TaskError:
-    """The :class:`TaskError` a fired Deferred failed with."""
-    failure = outcome(d)
-    assert isinstance(failure, Failure), f"expected a TaskError, got result {failure!r}"
-    assert isinstance(failure.value, TaskError), failure
-    return failure.value
 
 
 # The fake's scripted mode
