@@ -146,10 +146,12 @@ class GatewayLifecycleTests(IntegrationTestCase):
         else:
             tree, port, _ = self.role_all(2)
         ws = self.open_ws(port)
-        send(ws, {"id": "slow", "function": "whoami", "args": {"delay": 3}})
+        # Long enough that the refusal, checked below, comes first even on a loaded
+        # machine (one CI run under trial saw the 3 s reply arrive before it).
+        send(ws, {"id": "slow", "function": "whoami", "args": {"delay": 8}})
         wait_for(lambda: status(port)["inflight"] == 1, 5, what="the request to be in flight")
         os.kill(tree.pid, signal.SIGTERM)
-        wait_for(lambda: refuses_connections(port), 5, what="the gateway to refuse clients")
+        wait_for(lambda: refuses_connections(port), 6, what="the gateway to refuse clients")
         # Refused while the request is still in flight, not only once all has stopped.
         with self.assertRaises(TimeoutError):
             ws.recv(timeout=0.05)
