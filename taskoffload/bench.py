@@ -1191,7 +1191,7 @@ def main(argv: list[str] | None = None) -> int:
         _smtp_sink_main(int(argv[1]), float(argv[2]))
         return 0
     if argv[:1] == ["faults"]:
-        # The fault suite (issue 5) at full size: kill storm, slowloris, hostile
+        # The fault suite at full size: kill storm, slowloris, hostile
         # input, supervisor crash, idle WebSockets.  See taskoffload.faults.
         from taskoffload import faults
 

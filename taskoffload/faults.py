@@ -1,5 +1,5 @@
 """
-The fault suite (issue 5, point 6): scenarios that break things on purpose and
+The fault suite: scenarios that break things on purpose and
 count what callers saw.
 
 Each scenario starts the real ``twistd -n taskoffload`` processes it needs, on

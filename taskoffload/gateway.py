@@ -1,5 +1,5 @@
 """
-The WebSocket gateway: each text frame is a request (DESIGN §2), pushed to the
+The WebSocket gateway: each text frame is a request (``docs/protocol.rst``), pushed to the
 worker pool through an :class:`~taskoffload.client.ITaskPool`; each client gets
 its reply when the task's Deferred fires.
 

@@ -173,7 +173,7 @@ class RealHarness:
         for _ in range(100):
             while self.clock.tcpClients:
                 pump = self._completer.succeedOnce()
-                assert pump is not None
+                assert isinstance(pump, IOPump), "a connection attempt the test did not complete"
                 self._pumps.append(pump)
             moved = [pump.flush() for pump in self._pumps]
             if not any(moved) and not self.clock.tcpClients:

@@ -17,7 +17,7 @@ from twisted.internet.testing import StringTransport
 
 from taskoffload import task, wire
 from taskoffload.registry import TaskRegistry, TaskSpec, load_tasks
-from taskoffload.worker import TaskServerFactory
+from taskoffload.worker import TaskServerFactory, TaskServerProtocol
 from tests._trial_bridge import pytest_module
 
 _module_numbers = itertools.count()
@@ -214,7 +214,7 @@ def test_tasks_mapping_plain_function_is_not_idempotent(write_module: WriteModul
     name = write_module("def add(a, b):\n    return a + b\n\nTASKS = {'sum': add}\n")
     registry = load_tasks([name])
     protocol = TaskServerFactory(registry, Clock(), worker_id=1).buildProtocol(None)
-    assert protocol is not None
+    assert isinstance(protocol, TaskServerProtocol)
     transport = StringTransport()
     protocol.makeConnection(transport)
     protocol.dataReceived(b'{"session": {"reject_when_busy": true}}\n')
@@ -306,7 +306,7 @@ def test_load_tasks_of_examples() -> None:
 def reply_to(registry: TaskRegistry, request: dict[str, Any]) -> dict[str, Any]:
     """The reply a worker serving ``registry`` sends to one request."""
     protocol = TaskServerFactory(registry, Clock()).buildProtocol(None)
-    assert protocol is not None
+    assert isinstance(protocol, TaskServerProtocol)
     transport = StringTransport()
     protocol.makeConnection(transport)
     protocol.dataReceived(orjson.dumps(request) + b"\n")
