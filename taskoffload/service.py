@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 from collections.abc import Sequence
 from typing import Any
 
@@ -107,9 +106,6 @@ class GatewayService(Service):
 
     def startService(self) -> None:
         super().startService()
-        if self.pool_service is None:
-            # Role gateway: no pool supervisor here to install the SIGTERM handler.
-            self.reactor.callWhenRunning(self._handle_sigterm)
         self.client = TaskClient(
             self.reactor, self._addresses(), secret=self.secret, prefetch=self.prefetch
         )
@@ -143,20 +139,6 @@ class GatewayService(Service):
                 self.reactor.callWhenRunning(self.reactor.stop)
 
         d.addCallbacks(listening, failed)
-
-    def _handle_sigterm(self) -> None:
-        # Twisted's own handler makes twistd exit by re-raising the signal; a
-        # graceful stop that finished its work is a success, so exit 0 instead
-        # (as the pool's supervisor does).
-        def on_sigterm(signum: int, frame: Any) -> None:
-            self.reactor.callFromThread(self._stop_reactor)
-
-        signal.signal(signal.SIGTERM, on_sigterm)
-
-    def _stop_reactor(self) -> None:
-        if self.running and self.reactor.running:
-            _log.info("Received SIGTERM: stopping gracefully")
-            self.reactor.stop()
 
     def stopService(self) -> Deferred[None]:
         super().stopService()

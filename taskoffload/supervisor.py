@@ -223,7 +223,7 @@ class WorkerPoolService(Service):
 
     def startService(self) -> None:
         super().startService()
-        self.reactor.callWhenRunning(self._handle_sigterm)
+        self.reactor.callWhenRunning(self._handle_sighup)
         self._stopping = False
         self._launched_at = self.reactor.seconds()
         self._listen()
@@ -237,22 +237,12 @@ class WorkerPoolService(Service):
         self.workers = {i: WorkerRecord(index=i) for i in range(self.config.count)}
         self._spawn_fork_server()
 
-    def _handle_sigterm(self) -> None:
-        # Twisted's own handler makes twistd exit by re-raising the signal; a
-        # graceful stop that finished its work is a success, so exit 0 instead.
-        def on_sigterm(signum: int, frame: Any) -> None:
-            self.reactor.callFromThread(self._stop_reactor)
-
+    def _handle_sighup(self) -> None:
+        # SIGTERM is taskoffload.signals.ExitZeroOnSigterm's, for every role.
         def on_sighup(signum: int, frame: Any) -> None:
             self.reactor.callFromThread(self.reload)
 
-        signal.signal(signal.SIGTERM, on_sigterm)
         signal.signal(signal.SIGHUP, on_sighup)
-
-    def _stop_reactor(self) -> None:
-        if not self._stopping and self.reactor.running:
-            _log.info("Received SIGTERM: stopping gracefully")
-            self.reactor.stop()
 
     def _spawn_fork_server(self, for_reload: bool = False) -> None:
         self._fork_server_timer = None

@@ -12,6 +12,7 @@ from twisted.python import usage
 
 from taskoffload import wire
 from taskoffload.client import PoolAddress
+from taskoffload.signals import ExitZeroOnSigterm
 from taskoffload.supervisor import PoolConfig, WorkerPoolService
 
 if TYPE_CHECKING:
@@ -424,6 +425,7 @@ def makeService(options: Options) -> IService:
     """Wire the services for the chosen role."""
     raise_open_files_limit()
     top = MultiService()
+    ExitZeroOnSigterm().setServiceParent(top)
     role = options["role"]
     if role == "worker":
         WorkerPoolService(options.pool_config(options["listen"])).setServiceParent(top)

@@ -10,6 +10,7 @@ from twisted.application.service import MultiService
 from twisted.python import usage
 
 from taskoffload import tap, wire
+from taskoffload.signals import ExitZeroOnSigterm
 from taskoffload.supervisor import PoolConfig, WorkerPoolService
 from tests._trial_bridge import pytest_module
 
@@ -163,7 +164,8 @@ def test_make_service() -> None:
     )
     top = tap.makeService(options)
     assert isinstance(top, MultiService)
-    [pool] = list(top)
+    stop, pool = list(top)
+    assert isinstance(stop, ExitZeroOnSigterm)
     assert isinstance(pool, WorkerPoolService)
     assert pool.config == PoolConfig(
         listen="unix:/run/t.sock",
@@ -182,7 +184,8 @@ def test_make_service_all() -> None:
     from taskoffload.service import GatewayService
 
     top = tap.makeService(parse("--count=2"))
-    pool, gateway = list(top)
+    stop, pool, gateway = list(top)
+    assert isinstance(stop, ExitZeroOnSigterm)
     assert isinstance(pool, WorkerPoolService)
     assert pool.config.listen == "tcp:12345:interface=127.0.0.1"
     assert isinstance(gateway, GatewayService)
@@ -195,7 +198,8 @@ def test_make_service_gateway() -> None:
     from taskoffload.service import GatewayService
 
     top = tap.makeService(parse("--role=gateway", "--pool=tcp:127.0.0.1:1", "--pool=tcp:h:2"))
-    [gateway] = list(top)
+    stop, gateway = list(top)
+    assert isinstance(stop, ExitZeroOnSigterm)
     assert isinstance(gateway, GatewayService)
     assert gateway.pool_addresses == ["tcp:127.0.0.1:1", "tcp:h:2"]
     assert gateway.pool_service is None
@@ -207,7 +211,7 @@ def test_prefetch_option_reaches_the_gateway() -> None:
 
     for flags, expected in [((), 0), (("--prefetch=2",), 2)]:
         top = tap.makeService(parse("--role=gateway", *flags))
-        [gateway] = list(top)
+        [gateway] = [s for s in top if isinstance(s, GatewayService)]
         assert isinstance(gateway, GatewayService)
         assert gateway.prefetch is expected
 
