@@ -143,6 +143,66 @@ class ITaskPool(Interface):
         """
 
 
+# What a TaskClient checks, says and counts, in one place so that
+# taskoffload.testing.FakeTaskPool checks, says and counts the same.
+
+#: The log format of the failure that a caller's ``on_progress`` raised, with the
+#: task name as ``function``.
+ON_PROGRESS_RAISED: Final = "on_progress of {function!r} raised"
+
+
+def check_timeout(timeout: float | None, *, or_none: bool = False) -> None:
+    """
+    Check a timeout given to a pool.
+
+    :param timeout: seconds, or ``None``, which always passes.
+    :param or_none: the message says that ``None`` is allowed too (where it is
+        the default).
+    :raises ValueError: if ``timeout`` is not ``None`` nor a positive finite number.
+    """
+    if timeout is not None and not 0 < timeout < _FOREVER:
+        suffix = ", or None" if or_none else ""
+        raise ValueError(f"timeout must be a positive number of seconds{suffix}")
+
+
+def encode_request_or_error(request: wire.Request) -> bytes | TaskError:
+    """
+    Encode ``request`` as the client writes it.
+
+    :return: the line, delimiter included, or the ``bad_request``
+        :class:`TaskError` a call fails with when its arguments cannot be sent.
+    """
+    try:
+        return wire.encode_request(request)
+    except (TypeError, ValueError, RecursionError) as e:
+        return TaskError(wire.BAD_REQUEST, f"the arguments cannot be sent as JSON: {e}")
+
+
+def timeout_error(seconds: float) -> TaskError:
+    """
+    :param seconds: the call's timeout.
+    :return: the error of a call that had no reply within its timeout.
+    """
+    return TaskError(wire.TIMEOUT, f"no reply within {seconds:g} seconds")
+
+
+def cancelled_error() -> TaskError:
+    """:return: the error of a call whose caller cancelled its Deferred."""
+    return TaskError(wire.CANCELLED, "cancelled by the caller")
+
+
+def pool_capacity(slots: int | None, prefetch: int) -> int | None:
+    """
+    :param slots: how many tasks the pool runs at once, or ``None`` if unknown.
+    :param prefetch: how many calls are sent ahead on each busy connection.
+    :return: how many calls the pool takes at once: ``slots`` times one more
+        than ``prefetch``; ``None`` without ``slots``.
+    """
+    if slots is None:
+        return None
+    return slots * (1 + prefetch)
+
+
 @attrs.frozen
 class PoolAddress:
     """
@@ -457,8 +517,7 @@ class TaskClient:
             raise ValueError("a TaskClient needs at least one pool address")
         if idle_timeout < 0:
             raise ValueError("idle_timeout must not be negative")
-        if timeout is not None and not 0 < timeout < _FOREVER:
-            raise ValueError("timeout must be a positive number of seconds, or None")
+        check_timeout(timeout, or_none=True)
         if max_connections < 1:
             raise ValueError("max_connections must be at least 1")
         if max_message < 1:
@@ -536,10 +595,9 @@ class TaskClient:
             :class:`TaskError`.
         :raises ValueError: if ``timeout`` is not positive.
         """
+        check_timeout(timeout)
         if timeout is None:
             timeout = self._timeout
-        elif not 0 < timeout < _FOREVER:
-            raise ValueError("timeout must be a positive number of seconds")
         if self._closed:
             return defer.fail(TaskError(wire.WORKER_LOST, "client closed"))
         call = _Call(
@@ -580,10 +638,7 @@ class TaskClient:
             client: their slots, times one more than ``prefetch``; ``None``
             before any pool has said how many slots it has.
         """
-        slots = self.slots()
-        if slots is None:
-            return None
-        return slots * (1 + self._prefetch)
+        return pool_capacity(self.slots(), self._prefetch)
 
     # Lifecycle
 
@@ -708,11 +763,10 @@ class TaskClient:
         request = wire.Request(
             id=call.id, function=call.function, args=call.args, kwargs=call.kwargs, timeout=timeout
         )
-        try:
-            line = wire.encode_request(request)
-        except (TypeError, ValueError, RecursionError) as e:
+        line = encode_request_or_error(request)
+        if isinstance(line, TaskError):
             call.state = _FINISHED
-            return TaskError(wire.BAD_REQUEST, f"the arguments cannot be sent as JSON: {e}")
+            return line
         call.state = _SENT
         call.connection = connection
         if ahead:
@@ -736,10 +790,11 @@ class TaskClient:
 
     def _timed_out(self, call: _Call) -> None:
         call.timer = None
-        self._give_up(call, TaskError(wire.TIMEOUT, f"no reply within {call.timeout:g} seconds"))
+        assert call.timeout is not None  # only a call with a timeout has a timer
+        self._give_up(call, timeout_error(call.timeout))
 
     def _cancel(self, call: _Call, deferred: Deferred[Any]) -> None:
-        self._give_up(call, TaskError(wire.CANCELLED, "cancelled by the caller"))
+        self._give_up(call, cancelled_error())
 
     def _give_up(self, call: _Call, error: TaskError) -> None:
         """Answer ``call`` with ``error`` now, and cancel it if it was sent."""
@@ -961,7 +1016,7 @@ class TaskClient:
                 try:
                     call.on_progress(reply.progress)
                 except Exception:
-                    self.log.failure("on_progress of {function!r} raised", function=call.function)
+                    self.log.failure(ON_PROGRESS_RAISED, function=call.function)
             return
         connection.call = None
         connection.target.busy -= 1

@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from taskoffload import wire
-from taskoffload.client import ITaskPool, TaskError
+from taskoffload.client import ITaskPool, TaskError, cancelled_error
 
 __all__ = [
     "GatewayAccess",
@@ -536,7 +536,7 @@ class GatewayProtocol(WebSocketServerProtocol):
         if ticket.submitted is not None:
             ticket.submitted.cancel()  # the pool sends the cancel; its failure follows
             return
-        self._drop_waiting(ticket, TaskError(wire.CANCELLED, "cancelled by the caller"))
+        self._drop_waiting(ticket, cancelled_error())
 
     def _ticket_expired(self, ticket: _Ticket) -> None:
         ticket.timer = None

@@ -164,6 +164,25 @@ class TaskRegistry:
             _add(tasks, spec, repr(f))
         return cls(tasks)
 
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Callable[..., Any]]) -> TaskRegistry:
+        """
+        Build a registry from a ``TASKS`` mapping, as :func:`load_tasks` reads one:
+        each function is registered under its key, with its ``@task`` options if it
+        has them.
+
+        :param mapping: task names to the functions they run.
+        """
+        tasks: dict[str, TaskSpec] = {}
+        for task_name, f in mapping.items():
+            spec = getattr(f, SPEC_ATTRIBUTE, None)
+            if not isinstance(spec, TaskSpec) or spec.name != task_name:
+                spec = _make_spec(
+                    f, task_name, getattr(spec, "timeout", None), getattr(spec, "retry", False)
+                )
+            tasks[task_name] = spec
+        return cls(tasks)
+
 
 def _add(tasks: dict[str, TaskSpec], spec: TaskSpec, where: str) -> None:
     existing = tasks.get(spec.name)
@@ -197,12 +216,7 @@ def load_tasks(module_names: Iterable[str], fresh: bool = False) -> TaskRegistry
                 found += 1
         mapping = getattr(module, "TASKS", None)
         if isinstance(mapping, Mapping):
-            for task_name, f in mapping.items():
-                spec = getattr(f, SPEC_ATTRIBUTE, None)
-                if not isinstance(spec, TaskSpec) or spec.name != task_name:
-                    spec = _make_spec(
-                        f, task_name, getattr(spec, "timeout", None), getattr(spec, "retry", False)
-                    )
+            for spec in TaskRegistry.from_mapping(mapping).tasks.values():
                 _add(tasks, spec, module_name)
                 found += 1
         if not found:

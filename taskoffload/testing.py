@@ -25,7 +25,6 @@ the running task); and :meth:`FakeTaskPool.slots` and
 from __future__ import annotations
 
 import itertools
-import math
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -38,13 +37,27 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from taskoffload import wire
-from taskoffload.client import ITaskPool, TaskError
-from taskoffload.registry import SPEC_ATTRIBUTE, TaskRegistry, _make_spec
+from taskoffload.client import (
+    ON_PROGRESS_RAISED,
+    ITaskPool,
+    TaskError,
+    cancelled_error,
+    check_timeout,
+    encode_request_or_error,
+    pool_capacity,
+    timeout_error,
+)
+from taskoffload.registry import TaskRegistry
 from taskoffload.worker import TaskServerFactory
 
 __all__ = ["FakeCall", "FakeTaskPool"]
 
 _log = Logger(namespace="taskoffload.testing")
+
+
+def _through_wire(reply: wire.Reply) -> wire.Reply:
+    """``reply`` as the client reads it: encoded as a worker writes it, then decoded."""
+    return wire.decode_reply(wire.encode_reply(reply)[:-1])
 
 
 class FakeCall:
@@ -62,6 +75,11 @@ class FakeCall:
     :ivar timed_out: the call's timeout passed before it was answered.
     :ivar progress_sent: the progress values reported so far, in order, as the
         caller received them.
+
+    :param request_id: the id of the call's request, which its replies carry.
+    :param clock: with ``time_limit``, the clock on which the call times out.
+    :param time_limit: seconds after which the call, unanswered, fails with
+        ``timeout``: the caller's ``timeout`` or the pool's default.
     """
 
     def __init__(
@@ -71,6 +89,10 @@ class FakeCall:
         kwargs: dict[str, Any],
         timeout: float | None,
         on_progress: Callable[[Any], object] | None,
+        *,
+        request_id: wire.RequestId = None,
+        clock: IReactorTime | None = None,
+        time_limit: float | None = None,
     ) -> None:
         self.function = function
         self.args = args
@@ -81,8 +103,10 @@ class FakeCall:
         self.timed_out = False
         self.progress_sent: list[Any] = []
         self.deferred: Deferred[Any] = Deferred(self._cancel)
-        self._request_id: wire.RequestId = None
+        self._request_id = request_id
         self._timer: IDelayedCall | None = None
+        if clock is not None and time_limit is not None:
+            self._timer = clock.callLater(time_limit, self._expire, time_limit)
         # With tasks: the worker's run of the task, cancelled when the caller gives up.
         self._task: Deferred[Any] | None = None
 
@@ -141,15 +165,14 @@ class FakeCall:
         """
         if self.answered:
             return
-        line = wire.encode_reply(wire.Progress(id=self._request_id, progress=value))
-        report = wire.decode_reply(line[:-1])
+        report = _through_wire(wire.Progress(id=self._request_id, progress=value))
         assert isinstance(report, wire.Progress)
         self.progress_sent.append(report.progress)
         if self.on_progress is not None:
             try:
                 self.on_progress(report.progress)
             except Exception:
-                _log.failure("on_progress of {function!r} raised", function=self.function)
+                _log.failure(ON_PROGRESS_RAISED, function=self.function)
 
     @property
     def _given_up(self) -> bool:
@@ -157,7 +180,7 @@ class FakeCall:
 
     def _deliver(self, reply: wire.Result | wire.ErrorReply) -> None:
         """Fire the caller's Deferred with ``reply`` as the client would read it."""
-        received = wire.decode_reply(wire.encode_reply(reply)[:-1])
+        received = _through_wire(reply)
         self._stop_timer()
         if isinstance(received, wire.Result):
             self.deferred.callback(received.result)
@@ -179,14 +202,14 @@ class FakeCall:
 
     def _cancel(self, deferred: Deferred[Any]) -> None:
         self.cancelled = True
-        self._give_up(TaskError(wire.CANCELLED, "cancelled by the caller"))
+        self._give_up(cancelled_error())
 
     def _expire(self, seconds: float) -> None:
         self._timer = None
         if self.answered:
             return
         self.timed_out = True
-        self._give_up(TaskError(wire.TIMEOUT, f"no reply within {seconds:g} seconds"))
+        self._give_up(timeout_error(seconds))
 
     def _run(self, worker: TaskServerFactory, request: wire.Request) -> None:
         """Run the task as ``worker`` would, and answer with its reply."""
@@ -202,17 +225,6 @@ class FakeCall:
         # The worker's run fails only when the caller gave up and cancelled it.
         if not failure.check(CancelledError):
             _log.failure("Answering {function!r} failed", failure, function=self.function)
-
-
-def _registry(tasks: Mapping[str, Callable[..., Any]]) -> TaskRegistry:
-    """The registry a worker builds from a ``TASKS`` mapping: keeps ``@task`` options."""
-    specs = {}
-    for name, function in tasks.items():
-        marked = getattr(function, SPEC_ATTRIBUTE, None)
-        specs[name] = _make_spec(
-            function, name, getattr(marked, "timeout", None), getattr(marked, "retry", False)
-        )
-    return TaskRegistry(specs)
 
 
 @implementer(ITaskPool)
@@ -252,8 +264,7 @@ class FakeTaskPool:
         slots: int | None = None,
         prefetch: int = 0,
     ) -> None:
-        if timeout is not None and not 0 < timeout < math.inf:
-            raise ValueError("timeout must be a positive number of seconds, or None")
+        check_timeout(timeout, or_none=True)
         if slots is not None and slots < 1:
             raise ValueError("slots must be at least 1, or None")
         if prefetch < 0:
@@ -269,7 +280,7 @@ class FakeTaskPool:
         if self.tasks is not None:
             # Without a clock, a clock that never moves: deadlines never pass.
             self._worker = TaskServerFactory(
-                _registry(self.tasks),
+                TaskRegistry.from_mapping(self.tasks),
                 clock if clock is not None else Clock(),
                 concurrency=sys.maxsize,
             )
@@ -302,8 +313,7 @@ class FakeTaskPool:
         :raises ValueError: if ``timeout`` is not a positive finite number, as
             with the real client.
         """
-        if timeout is not None and not 0 < timeout < math.inf:
-            raise ValueError("timeout must be a positive number of seconds")
+        check_timeout(timeout)
         limit = timeout if timeout is not None else self._timeout
         request = wire.Request(
             id=next(self._ids),
@@ -314,10 +324,9 @@ class FakeTaskPool:
         )
         # What the worker reads is what the client could write.
         refused: TaskError | None = None
-        try:
-            line = wire.encode_request(request)
-        except (TypeError, ValueError, RecursionError) as e:
-            refused = TaskError(wire.BAD_REQUEST, f"the arguments cannot be sent as JSON: {e}")
+        line = encode_request_or_error(request)
+        if isinstance(line, TaskError):
+            refused = line
         else:
             try:
                 received = wire.decode_message(line[:-1])
@@ -326,14 +335,21 @@ class FakeTaskPool:
             else:
                 assert isinstance(received, wire.Request)
                 request = received
-        call = FakeCall(function, request.args, request.kwargs, timeout, on_progress)
-        call._request_id = request.id
+        call = FakeCall(
+            function,
+            request.args,
+            request.kwargs,
+            timeout,
+            on_progress,
+            request_id=request.id,
+            # A refused call is answered at once: nothing to time out.
+            clock=self._clock if refused is None else None,
+            time_limit=limit,
+        )
         self.calls.append(call)
         if refused is not None:
             call.deferred.errback(refused)
             return call.deferred
-        if limit is not None and self._clock is not None:
-            call._timer = self._clock.callLater(limit, call._expire, limit)
         if self._worker is not None:
             call._run(self._worker, request)
         return call.deferred
@@ -347,6 +363,4 @@ class FakeTaskPool:
         :return: ``slots`` times one more than ``prefetch``, as the real client
             says; ``None`` without ``slots``.
         """
-        if self._slots is None:
-            return None
-        return self._slots * (1 + self._prefetch)
+        return pool_capacity(self._slots, self._prefetch)

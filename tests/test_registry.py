@@ -123,6 +123,29 @@ def test_duplicate_names_say_which_function_clashes() -> None:
     assert str(info.value) == f"task name 'same' is registered twice (again in {second!r})"
 
 
+def test_from_mapping_registers_under_the_keys_with_task_options() -> None:
+    """from_mapping registers each function under its key, keeping its @task options."""
+
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    @task(name="slow", timeout=9, retry=True)
+    def slow_one() -> int:
+        return 1
+
+    registry = TaskRegistry.from_mapping({"sum": add, "careful": slow_one, "slow": slow_one})
+    assert registry.names() == ["careful", "slow", "sum"]
+    assert registry.lookup("sum") == TaskSpec(name="sum", function=add)
+    careful = registry.lookup("careful")
+    assert (careful.name, careful.function, careful.timeout, careful.retry) == (
+        "careful",
+        slow_one,
+        9,
+        True,
+    )
+    assert registry.lookup("slow") == TaskRegistry.from_functions([slow_one]).lookup("slow")
+
+
 def test_spec_without_signature_binds() -> None:
     """A TaskSpec built by hand, without a signature, binds and rejects like a registered one."""
 
