@@ -35,8 +35,11 @@ class PytestModule(unittest.TestCase):
 
     def test_module_passes_under_pytest(self) -> None:
         """pytest runs at least one test of the module and they all pass."""
+        # The pytest script, not ``python -m pytest``: -m would put the repository
+        # first on sys.path, and the tests would import its copy of taskoffload
+        # instead of the installed one.
         done = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(self.path)],
+            [_pytest_command(), "-q", "-p", "no:cacheprovider", str(self.path)],
             cwd=_REPO,
             stdin=subprocess.DEVNULL,
             capture_output=True,
@@ -48,8 +51,14 @@ class PytestModule(unittest.TestCase):
             self.fail(f"pytest collected no test in {self.path}:\n{report}")
         if done.returncode != 0:
             self.fail(f"pytest {self.path} exited {done.returncode}:\n{report}")
-        lines = done.stdout.strip().splitlines()
-        print(lines[-1] if lines else "")
+
+
+def _pytest_command() -> str:
+    """The ``pytest`` script installed beside this interpreter."""
+    script = Path(sys.executable).with_name("pytest")
+    if not script.exists():
+        raise FileNotFoundError(f"no pytest beside {sys.executable}: pip install '.[test]'")
+    return str(script)
 
 
 def pytest_module(path: str) -> Callable[[], TestSuite]:
