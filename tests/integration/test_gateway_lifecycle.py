@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import socket
+import time
 import urllib.request
 from contextlib import ExitStack
 from typing import Any
@@ -126,6 +127,13 @@ class GatewayLifecycleTests(IntegrationTestCase):
         wait_for(silent.dropped, 10, what="the silent peer to be dropped")
         assert PING in silent.opcodes()  # the gateway asked, and was not answered
         wait_for(lambda: status(port)["clients"] == 1, 5, what="the gateway to count one client")
+        # The answering client outlives two more ping rounds (one ping and its
+        # deadline each): it is kept because it answers, not because its turn
+        # has not come yet.
+        rounds_end = time.monotonic() + 2 * 2 * 1.0
+        while time.monotonic() < rounds_end:
+            assert status(port)["clients"] == 1, "the answering client was dropped"
+            time.sleep(0.1)
         send(answering, {"id": 1, "function": "echo", "args": {"still": "here"}})
         assert receive(answering) == {"id": 1, "result": {"still": "here"}}
 
