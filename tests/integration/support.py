@@ -42,6 +42,7 @@ __all__ = [
     "client_ports",
     "free_port",
     "free_ports",
+    "poll",
     "wait_for",
 ]
 
@@ -56,6 +57,19 @@ def wait_for(predicate, timeout: float, interval: float = 0.02, what: str = "con
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(interval)
+
+
+async def poll(predicate: Callable[[], T], timeout: float, what: str = "condition") -> T:
+    """Like :func:`wait_for`, for a test running on the reactor: poll ``predicate``
+    without blocking the reactor; :return: its first true value."""
+    from twisted.internet import reactor, task
+
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await task.deferLater(reactor, 0.02, lambda: None)
+    return value
 
 
 class Twistd:
@@ -245,6 +259,14 @@ class IntegrationTestCase(unittest.TestCase):
         """Put ``directory`` first on the ``PYTHONPATH`` of trees started from now on."""
         path = [str(directory), *filter(None, [os.environ.get("PYTHONPATH")])]
         self.setenv("PYTHONPATH", os.pathsep.join(path))
+
+    def tasks_module(self, name: str, source: str) -> Path:
+        """Write the task module ``name`` into the test's directory, which trees started
+        from now on import from (``--tasks NAME``). :return: its path."""
+        path = self.tmp_path / f"{name}.py"
+        path.write_text(source)
+        self.add_pythonpath(self.tmp_path)
+        return path
 
     def twistd(self, *args: str, directory: Path | None = None) -> Twistd:
         """Start ``twistd -n taskoffload ARGS...`` in ``directory`` (the test's own by

@@ -7,27 +7,16 @@ import signal
 import time
 
 import pytest
-from twisted.internet import defer, task
+from twisted.internet import defer
 
 from taskoffload.client import TaskClient, TaskError
-from tests.integration.support import IntegrationTestCase, accepted_by_workers, client_ports
+from tests.integration.support import IntegrationTestCase, accepted_by_workers, client_ports, poll
 
 
 def _client(port: int) -> TaskClient:
     from twisted.internet import reactor
 
     return TaskClient(reactor, [f"tcp:127.0.0.1:{port}"])
-
-
-async def _poll(predicate, timeout: float, what: str) -> None:
-    """Poll without blocking the reactor."""
-    from twisted.internet import reactor
-
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await task.deferLater(reactor, 0.02, lambda: None)
 
 
 class ClientPoolTests(IntegrationTestCase):
@@ -60,7 +49,7 @@ class ClientPoolTests(IntegrationTestCase):
                 ours = client_ports(tree, port)
                 return bool(ours) and accepted_by_workers(tree, ours)
 
-            await _poll(sleep_accepted, 5, "a worker to take the sleep")
+            await poll(sleep_accepted, 5, "a worker to take the sleep")
             start = time.monotonic()
             assert await client.call("noop") is None
             assert time.monotonic() - start < 0.2
@@ -75,8 +64,8 @@ class ClientPoolTests(IntegrationTestCase):
         client = _client(port)
         try:
             calls = [client.call("whoami", delay=1) for _ in range(8)]
-            await _poll(lambda: len(client_ports(tree, port)) == 8, 5, "8 connections")
-            await _poll(
+            await poll(lambda: len(client_ports(tree, port)) == 8, 5, "8 connections")
+            await poll(
                 lambda: accepted_by_workers(tree, client_ports(tree, port)),
                 5,
                 "every call to be taken by a worker",

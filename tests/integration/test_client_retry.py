@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from pathlib import Path
 
 import pytest
-from twisted.internet import task
 
 from taskoffload.client import TaskClient, TaskError
-from tests.integration.support import IntegrationTestCase
+from tests.integration.support import IntegrationTestCase, poll
 
 # Each task appends its worker's pid to ``marker`` as it starts, so the test knows
 # which worker to kill (and when the task is running), and how often it ran.
@@ -56,26 +54,13 @@ def _started(marker: Path) -> list[int]:
         return []
 
 
-async def _poll(predicate, timeout: float, what: str):
-    """Poll without blocking the reactor; return the predicate's true value."""
-    from twisted.internet import reactor
-
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await task.deferLater(reactor, 0.02, lambda: None)
-    return value
-
-
 class ClientRetryTests(IntegrationTestCase):
     """Tests of client retry."""
 
     def retry_pool(self):
         """A pool of two workers serving ``retry_tasks``, written into the test's directory."""
-        (self.tmp_path / "retry_tasks.py").write_text(TASKS)
         # twistd inherits the environment, and the workers the supervisor's sys.path.
-        self.add_pythonpath(self.tmp_path)
+        self.tasks_module("retry_tasks", TASKS)
         return self.pool(2, "--tasks=retry_tasks")
 
     async def test_idempotent_task_survives_its_worker(self):
@@ -87,7 +72,7 @@ class ClientRetryTests(IntegrationTestCase):
             call = client.send_task(
                 "slow_pid", kwargs={"seconds": 1.0, "marker": str(marker)}, timeout=10
             )
-            [victim] = await _poll(lambda: _started(marker), 5, "the task to start")
+            [victim] = await poll(lambda: _started(marker), 5, "the task to start")
             assert victim in tree.worker_pids()
             os.kill(victim, signal.SIGKILL)
             pid = await call
@@ -105,7 +90,7 @@ class ClientRetryTests(IntegrationTestCase):
             call = client.send_task(
                 "slow_pid_once", kwargs={"seconds": 1.0, "marker": str(marker)}, timeout=10
             )
-            [victim] = await _poll(lambda: _started(marker), 5, "the task to start")
+            [victim] = await poll(lambda: _started(marker), 5, "the task to start")
             assert victim in tree.worker_pids()
             os.kill(victim, signal.SIGKILL)
             with pytest.raises(TaskError) as raised:

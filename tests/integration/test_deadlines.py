@@ -34,8 +34,7 @@ def noop():
 
 
 def _start(case: IntegrationTestCase, *extra: str):
-    (case.tmp_path / "deadline_tasks.py").write_text(TASKS)
-    case.setenv("PYTHONPATH", str(case.tmp_path))
+    case.tasks_module("deadline_tasks", TASKS)
     return case.pool(1, "--tasks", "deadline_tasks", *extra)
 
 

@@ -6,10 +6,10 @@ import os
 import signal
 import time
 
-from twisted.internet import defer, task
+from twisted.internet import defer
 
 from taskoffload.client import TaskClient
-from tests.integration.support import IntegrationTestCase
+from tests.integration.support import IntegrationTestCase, LineClient, poll, wait_for
 
 VERSION = """
 import time
@@ -24,12 +24,6 @@ def version(work=0.02):
 """
 
 
-async def _sleep(seconds: float) -> None:
-    from twisted.internet import reactor
-
-    await task.deferLater(reactor, seconds, lambda: None)
-
-
 class ReloadTests(IntegrationTestCase):
     """Tests of reload."""
 
@@ -38,9 +32,7 @@ class ReloadTests(IntegrationTestCase):
         module; no request fails, and replies after the reload come from the new code."""
         from twisted.internet import reactor
 
-        module = self.tmp_path / "versioned_tasks.py"
-        module.write_text(VERSION.replace("{VERSION!r}", repr("one")))
-        self.setenv("PYTHONPATH", str(self.tmp_path))
+        module = self.tasks_module("versioned_tasks", VERSION.replace("{VERSION!r}", repr("one")))
         tree, port = self.pool(4, "--tasks", "versioned_tasks")
         client = TaskClient(reactor, [f"tcp:127.0.0.1:{port}"], timeout=20)
         outcomes: list[tuple[float, object]] = []
@@ -55,22 +47,21 @@ class ReloadTests(IntegrationTestCase):
 
         callers = [defer.ensureDeferred(caller()) for _ in range(20)]
         try:
-            deadline = time.monotonic() + 10
-            while len(outcomes) < 50 and time.monotonic() < deadline:
-                await _sleep(0.02)
+            await poll(lambda: len(outcomes) >= 50, 10, "50 calls before the reload")
             # A different size as well as a new mtime, so no stale bytecode is used.
             module.write_text(VERSION.replace("{VERSION!r}", repr("two, the new one")))
             future = time.time() + 5
             os.utime(module, (future, future))
             os.kill(tree.pid, signal.SIGHUP)
-            deadline = time.monotonic() + 20
-            while "Reload complete: 4 workers replaced" not in tree.log():
-                assert time.monotonic() < deadline, "the reload did not complete"
-                await _sleep(0.05)
+            await poll(
+                lambda: "Reload complete: 4 workers replaced" in tree.log(), 20, "the reload"
+            )
             reloaded_at = time.monotonic()
-            while sum(1 for t, _ in outcomes if t > reloaded_at) < 50:
-                assert time.monotonic() < deadline + 10, "no load after the reload"
-                await _sleep(0.02)
+            await poll(
+                lambda: sum(1 for t, _ in outcomes if t > reloaded_at) >= 50,
+                10,
+                "50 calls after the reload",
+            )
         finally:
             running = False
             await defer.DeferredList(callers)
@@ -85,11 +76,7 @@ class ReloadTests(IntegrationTestCase):
         """A reload whose new code fails to import is aborted; the old workers serve on."""
         import json
 
-        from tests.integration.support import LineClient, wait_for
-
-        module = self.tmp_path / "versioned_tasks.py"
-        module.write_text(VERSION.replace("{VERSION!r}", repr("one")))
-        self.setenv("PYTHONPATH", str(self.tmp_path))
+        module = self.tasks_module("versioned_tasks", VERSION.replace("{VERSION!r}", repr("one")))
         tree, port = self.pool(2, "--tasks", "versioned_tasks")
         before = tree.worker_pids()
         module.write_text("this is not python\n")

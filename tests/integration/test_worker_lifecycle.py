@@ -80,8 +80,7 @@ class WorkerLifecycleTests(IntegrationTestCase):
 
     def tasks_pool(self, count: int, *extra: str):
         """A pool serving this file's :data:`TASKS` module."""
-        (self.tmp_path / "lifecycle_tasks.py").write_text(TASKS)
-        self.add_pythonpath(self.tmp_path)
+        self.tasks_module("lifecycle_tasks", TASKS)
         return self.pool(count, "--tasks", "lifecycle_tasks", *extra)
 
     def test_fork_server_death_reforks_the_pool(self):
@@ -120,8 +119,7 @@ class WorkerLifecycleTests(IntegrationTestCase):
     def test_task_module_importing_the_reactor_is_refused(self):
         """README (Writing tasks): a --tasks module that imports twisted.internet.reactor
         at import time stops the start, and the log says to import it inside the task."""
-        (self.tmp_path / "reactor_tasks.py").write_text(REACTOR_AT_IMPORT)
-        self.add_pythonpath(self.tmp_path)
+        self.tasks_module("reactor_tasks", REACTOR_AT_IMPORT)
         tree = self.twistd(
             "--role=worker",
             "--count=1",

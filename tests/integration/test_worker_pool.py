@@ -216,8 +216,7 @@ class WorkerPoolTests(IntegrationTestCase):
     def test_tasks_module_that_fails_to_import_stops_the_service(self):
         """A --tasks module that raises on import stops twistd with the error in its log,
         instead of holding the port open with no worker to accept."""
-        (self.tmp_path / "broken_tasks.py").write_text("raise RuntimeError('broken on purpose')\n")
-        self.setenv("PYTHONPATH", str(self.tmp_path))
+        self.tasks_module("broken_tasks", "raise RuntimeError('broken on purpose')\n")
         tree = self.twistd(
             "--role=worker",
             "--count=1",
