@@ -316,29 +316,3 @@ class IntegrationTestCase(unittest.TestCase):
         tree.wait_for_log("Gateway listening on")
         tree.wait_for_log(f"All {count} workers serving")
         return tree, gateway_port, pool_port
-
-
-def parametrized(cases: dict[str, tuple]) -> Callable[[Callable[..., None]], dict]:
-    """
-    Turn one test body into one trial test method per case, for a class body::
-
-        locals().update(parametrized({"a": (1,), "b": (2,)})(_check))
-
-    defines ``test_check_a`` and ``test_check_b``, calling ``_check(self, *case)``.
-    (trial has no ``pytest.mark.parametrize``.)
-    """
-
-    def expand(body: Callable[..., None]) -> dict:
-        methods = {}
-        stem = body.__name__.lstrip("_")
-        for name, case in cases.items():
-
-            def method(self, case=case):
-                return body(self, *case)
-
-            method.__name__ = f"test_{stem}_{name}"
-            method.__doc__ = body.__doc__
-            methods[method.__name__] = method
-        return methods
-
-    return expand

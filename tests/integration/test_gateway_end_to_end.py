@@ -30,7 +30,6 @@ from tests.integration.support import (
     Twistd,
     free_port,
     free_ports,
-    parametrized,
     wait_for,
 )
 
@@ -560,16 +559,21 @@ class GatewayEndToEndTests(IntegrationTestCase):
         assert bad["error"]["message"]
         assert good == {"id": 2, "result": None}
 
-    locals().update(
-        parametrized(
-            {
-                "not_json": ("this is not json",),
-                "array": ("[1, 2]",),
-                "no_function": ('{"id": 3}',),
-                "empty": ("",),
-            }
-        )(_unreadable_request_is_bad_request)
-    )
+    def test_unreadable_request_is_bad_request_not_json(self):
+        """A frame that is not a request object (not json) gets ``bad_request``; the connection still serves."""
+        self._unreadable_request_is_bad_request("this is not json")
+
+    def test_unreadable_request_is_bad_request_array(self):
+        """A frame that is not a request object (array) gets ``bad_request``; the connection still serves."""
+        self._unreadable_request_is_bad_request("[1, 2]")
+
+    def test_unreadable_request_is_bad_request_no_function(self):
+        """A frame that is not a request object (no function) gets ``bad_request``; the connection still serves."""
+        self._unreadable_request_is_bad_request('{"id": 3}')
+
+    def test_unreadable_request_is_bad_request_empty(self):
+        """A frame that is not a request object (empty) gets ``bad_request``; the connection still serves."""
+        self._unreadable_request_is_bad_request("")
 
     def test_duplicate_inflight_id_is_bad_request(self):
         """A second request with the id of one in flight gets ``bad_request`` under that id."""

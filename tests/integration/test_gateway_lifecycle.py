@@ -19,7 +19,7 @@ from typing import Any
 
 from websockets.sync.client import ClientConnection, connect
 
-from tests.integration.support import IntegrationTestCase, free_port, parametrized, wait_for
+from tests.integration.support import IntegrationTestCase, free_port, wait_for
 
 _http = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: no proxy
 
@@ -167,11 +167,13 @@ class GatewayLifecycleTests(IntegrationTestCase):
         assert reply["id"] == "slow" and "pid" in reply["result"], reply
         assert tree.process.wait(timeout=15) == 0, tree.log()
 
-    locals().update(
-        parametrized({"role_gateway": ("gateway",), "role_all": ("all",)})(
-            _sigterm_finishes_requests_in_flight_then_exits_zero
-        )
-    )
+    def test_sigterm_finishes_requests_in_flight_then_exits_zero_role_gateway(self):
+        """SIGTERM, role gateway: the gateway stops taking clients, finishes the request in flight, exits 0."""
+        self._sigterm_finishes_requests_in_flight_then_exits_zero("gateway")
+
+    def test_sigterm_finishes_requests_in_flight_then_exits_zero_role_all(self):
+        """SIGTERM, role all: the gateway stops taking clients, finishes the request in flight, exits 0."""
+        self._sigterm_finishes_requests_in_flight_then_exits_zero("all")
 
     def test_batch_over_the_per_client_bound_is_overloaded(self):
         """docs/gateway.rst (Bounds): batch items count toward

@@ -26,7 +26,6 @@ from tests.integration.support import (
     IntegrationTestCase,
     Twistd,
     free_ports,
-    parametrized,
     wait_for,
 )
 
@@ -272,8 +271,16 @@ class HAProxyTests(IntegrationTestCase):
         assert pids_after and pids_after <= workers_b
         assert proxy.server_status()["a"] == ("MAINT" if drain_first else "DOWN")
 
-    locals().update(
-        parametrized({"drained_then_stopped": (True,), "stopped": (False,)})(
-            _stopping_one_of_two_pools_behind_haproxy_leaves_no_request_unanswered
+    def test_stopping_one_of_two_pools_behind_haproxy_leaves_no_request_unanswered_drained_then_stopped(
+        self,
+    ):
+        """One of two pools behind HAProxy drained then stopped mid-load: every request gets one reply."""
+        self._stopping_one_of_two_pools_behind_haproxy_leaves_no_request_unanswered(
+            drain_first=True
         )
-    )
+
+    def test_stopping_one_of_two_pools_behind_haproxy_leaves_no_request_unanswered_stopped(self):
+        """One of two pools behind HAProxy stopped mid-load: every request gets one reply."""
+        self._stopping_one_of_two_pools_behind_haproxy_leaves_no_request_unanswered(
+            drain_first=False
+        )

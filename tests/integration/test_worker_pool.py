@@ -14,7 +14,6 @@ from tests.integration.support import (
     IntegrationTestCase,
     LineClient,
     free_port,
-    parametrized,
     wait_for,
 )
 
@@ -72,9 +71,37 @@ class WorkerPoolTests(IntegrationTestCase):
         bad.close()
         other.close()
 
-    locals().update(
-        parametrized(BAD_INPUTS)(_bad_input_gets_documented_error_and_pool_keeps_serving)
-    )
+    def test_bad_input_gets_documented_error_and_pool_keeps_serving_not_json(self):
+        """Bad input (not json) gets its error code, and the worker still serves others."""
+        self._bad_input_gets_documented_error_and_pool_keeps_serving(*BAD_INPUTS["not_json"])
+
+    def test_bad_input_gets_documented_error_and_pool_keeps_serving_array(self):
+        """Bad input (array) gets its error code, and the worker still serves others."""
+        self._bad_input_gets_documented_error_and_pool_keeps_serving(*BAD_INPUTS["array"])
+
+    def test_bad_input_gets_documented_error_and_pool_keeps_serving_missing_function(self):
+        """Bad input (missing function) gets its error code, and the worker still serves others."""
+        self._bad_input_gets_documented_error_and_pool_keeps_serving(
+            *BAD_INPUTS["missing_function"]
+        )
+
+    def test_bad_input_gets_documented_error_and_pool_keeps_serving_unknown(self):
+        """Bad input (unknown) gets its error code, and the worker still serves others."""
+        self._bad_input_gets_documented_error_and_pool_keeps_serving(*BAD_INPUTS["unknown"])
+
+    def test_bad_input_gets_documented_error_and_pool_keeps_serving_wrong_argument_names(self):
+        """Bad input (wrong argument names) gets its error code, and the worker still serves others."""
+        self._bad_input_gets_documented_error_and_pool_keeps_serving(
+            *BAD_INPUTS["wrong_argument_names"]
+        )
+
+    def test_bad_input_gets_documented_error_and_pool_keeps_serving_invalid_utf8(self):
+        """Bad input (invalid utf8) gets its error code, and the worker still serves others."""
+        self._bad_input_gets_documented_error_and_pool_keeps_serving(*BAD_INPUTS["invalid_utf8"])
+
+    def test_bad_input_gets_documented_error_and_pool_keeps_serving_empty_line(self):
+        """Bad input (empty line) gets its error code, and the worker still serves others."""
+        self._bad_input_gets_documented_error_and_pool_keeps_serving(*BAD_INPUTS["empty_line"])
 
     def test_only_registered_tasks_run(self):
         """Builtins, attribute paths and module globals are ``unknown_function``: only
