@@ -100,9 +100,6 @@ __all__ = [
 
 #: Seconds to wait for a started tree to serve.
 START_TIMEOUT = 60.0
-#: Example tasks that may block a worker for as long as their arguments say; the
-#: generated inputs never run them.
-_SLOW_TASKS = frozenset({"sleep", "cpu", "send_mail", "whoami"})
 
 
 class FaultSetupError(RuntimeError):
@@ -114,19 +111,9 @@ class FaultSetupError(RuntimeError):
 
 class Tree(Service):
     """
-    One ``twistd -n taskoffload`` process tree (:class:`~taskoffload.bench.Service`)
-    as the fault scenarios use it.
-
-    :param args: the arguments after ``taskoffload``.
-    :param directory: its working directory, where its log goes.
-    :param name: the log file's name, without ``.log``.
-    :param env: its environment; by default this process's.
+    One ``twistd -n taskoffload`` process tree (:class:`~taskoffload.bench.Service`,
+    constructed as it is) as the fault scenarios use it.
     """
-
-    def __init__(
-        self, args: Sequence[str], directory: Path, name: str, env: dict[str, str] | None = None
-    ) -> None:
-        super().__init__(args, directory, env=env, name=name)
 
     def wait_for_log(self, text: str, timeout: float = START_TIMEOUT) -> re.Match[str]:
         """Wait until ``text`` is in the log; :raises FaultSetupError: if it never comes."""
@@ -146,15 +133,16 @@ class _Trees:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.started: list[Tree] = []
-        #: The environment of the trees started from now on (``None``: this process's).
-        self.env: dict[str, str] | None = None
 
-    def start(self, name: str, *args: str) -> Tree:
-        tree = Tree(args, self.directory, f"{name}-{len(self.started)}", self.env)
+    def start(self, name: str, *args: str, env: dict[str, str] | None = None) -> Tree:
+        """Start a tree with ``args`` and ``env`` (by default this process's environment)."""
+        tree = Tree(args, self.directory, env=env, name=f"{name}-{len(self.started)}")
         self.started.append(tree)
         return tree
 
-    def all(self, count: int, *extra: str) -> tuple[Tree, int, int]:
+    def all(
+        self, count: int, *extra: str, env: dict[str, str] | None = None
+    ) -> tuple[Tree, int, int]:
         """Role all; wait until it serves. :return: the tree, its gateway and pool ports."""
         gateway, pool = free_ports(2)
         tree = self.start(
@@ -165,6 +153,7 @@ class _Trees:
             "--pool-listen",
             f"tcp:{pool}:interface=127.0.0.1",
             *extra,
+            env=env,
         )
         tree.wait_for_log("Gateway listening on")
         tree.wait_for_log(f"All {count} workers serving")
@@ -252,13 +241,19 @@ async def http_json(port: int, path: str, timeout: float = 5.0) -> Any:
     return await asyncio.wait_for(get(), timeout)
 
 
-async def _status(port: int, timeout: float = 5.0) -> dict[str, Any] | None:
-    """The gateway's ``/status``, or ``None`` if it cannot be read now."""
+async def _read_status(port: int, timeout: float = 5.0) -> tuple[dict[str, Any] | None, str]:
+    """:return: the gateway's ``/status`` and ``""``, or ``None`` and why it cannot be read now."""
     try:
         document: dict[str, Any] = await http_json(port, "/status", timeout)
-        return document
-    except (OSError, asyncio.TimeoutError, ValueError):
-        return None
+    except (OSError, asyncio.TimeoutError, ValueError) as e:
+        return None, repr(e)
+    return document, ""
+
+
+async def _status(port: int, timeout: float = 5.0) -> dict[str, Any] | None:
+    """The gateway's ``/status``, or ``None`` if it cannot be read now."""
+    document, _ = await _read_status(port, timeout)
+    return document
 
 
 def _ws_connect(port: int, **options: Any) -> Any:
@@ -600,13 +595,15 @@ def kill_storm(
     deadline: float = 10.0,
     seed: int | None = None,
     directory: str | Path | None = None,
+    prefetch: int = 0,
     options: Sequence[str] = (),
 ) -> dict[str, Any]:
     """
     ``clients`` WebSocket clients each keep ``in_flight`` requests outstanding
     through the gateway of a role-all tree of ``count`` workers for ``duration``
     s, while a random serving worker is SIGKILLed every ``kill_interval`` s.
-    ``options`` are more ``twistd taskoffload`` options (say, ``--prefetch 1``).
+    ``prefetch`` is passed as ``--prefetch`` (the loss a kill may cost depends on
+    it); ``options`` are more ``twistd taskoffload`` options, not ``--prefetch``.
 
     The requests call the traced tasks (:data:`TRACED_MODULE`, written into the
     scenario's directory): ``traced_noop``, ``traced_sleep`` (20 ms) and
@@ -637,26 +634,26 @@ def kill_storm(
         ``unexpected_exits`` (workers that died without being killed);
         ``status`` (``/status`` afterwards, as deltas over the storm:
         ``inflight``, ``clients``, ``requests``, ``ok``, ``worker_lost``,
-        ``by_function``); ``twistd_alive``.
+        ``by_function``; empty if it could not be read before or after) and
+        ``status_error`` (what could not be read, when; ``None`` if nothing);
+        ``twistd_alive``.
     """
+    if any(option.split("=", 1)[0] == "--prefetch" for option in options):
+        raise ValueError("pass prefetch=N, not --prefetch in options")
     rng = random.Random(seed)
-    prefetch = 0
-    for i, option in enumerate(options):
-        if option == "--prefetch" and i + 1 < len(options):
-            prefetch = int(options[i + 1])
-        elif option.startswith("--prefetch="):
-            prefetch = int(option.split("=", 1)[1])
+    extra = ("--prefetch", str(prefetch)) if prefetch else ()
     with _trees(directory, "kill_storm") as trees:
-        trees.env = _traced_environment(trees.directory)
-        tree, gateway, _ = trees.all(count, "--tasks", TRACED_MODULE, *options)
+        env = _traced_environment(trees.directory)
+        tree, gateway, _ = trees.all(count, "--tasks", TRACED_MODULE, *extra, *options, env=env)
         counts = asyncio.run(
             _kill_storm(
                 tree, gateway, duration, clients, in_flight, count, kill_interval, deadline, rng
             )
         )
-        executions = read_trace(trees.env[TRACE_VARIABLE])
-    requests: dict[str, tuple[str, str, Any]] = counts.pop("requests")
-    once = [t for t, (f, _, _) in requests.items() if f in _ONCE_TASKS and executions.get(t, 0) > 1]
+        executions = read_trace(env[TRACE_VARIABLE])
+    requests: dict[str, str] = counts.pop("requests")
+    answered: set[str] = counts.pop("answered_with_result")
+    once = [t for t, f in requests.items() if f in _ONCE_TASKS and executions.get(t, 0) > 1]
     counts.update(
         {
             "in_flight": in_flight,
@@ -665,13 +662,9 @@ def kill_storm(
             "ran_twice": len(once),
             "ran_twice_tokens": sorted(once)[:10],
             "retry_ran_thrice": sum(
-                1
-                for t, (f, _, _) in requests.items()
-                if f == _RETRY_TASK and executions.get(t, 0) > 2
+                1 for t, f in requests.items() if f == _RETRY_TASK and executions.get(t, 0) > 2
             ),
-            "results_not_run": sum(
-                1 for t, (_, o, _) in requests.items() if o == "result" and not executions.get(t)
-            ),
+            "results_not_run": sum(1 for t in answered if not executions.get(t)),
             "ran_unsent": sum(1 for t in executions if t not in requests),
         }
     )
@@ -689,13 +682,12 @@ async def _kill_storm(
     deadline: float,
     rng: random.Random,
 ) -> dict[str, Any]:
-    before = await _status(port) or {}
+    before, before_error = await _read_status(port)
     callers = await asyncio.gather(*(_Caller.open(port) for _ in range(clients)))
     outcomes: Counter[str] = Counter()
     latencies: list[float] = []
-    #: token: (function, outcome, result)
-    requests: dict[str, tuple[str, str, Any]] = {}
-    sent_by_function: Counter[str] = Counter()
+    requests: dict[str, str] = {}  # token: function
+    answered_with_result: set[str] = set()  # tokens
     wrong_results = 0
     stop_at = time.monotonic() + duration
 
@@ -712,28 +704,24 @@ async def _kill_storm(
             args: list[Any] = [token] if function == "traced_noop" else [token, 0.02]
             request = {"id": request_id, "function": function, "args": args, "timeout": deadline}
             started = time.monotonic()
-            requests[token] = (function, "sent", None)
-            sent_by_function[function] += 1
+            requests[token] = function
             try:
                 reply = await caller.call(request, deadline + 2.0)
             except asyncio.TimeoutError:
                 outcomes["missing"] += 1
-                requests[token] = (function, "missing", None)
                 continue
             except ConnectionError:
                 outcomes["connection_closed"] += 1
-                requests[token] = (function, "connection_closed", None)
                 return
             latencies.append(time.monotonic() - started)
             if "result" in reply:
                 outcomes["results"] += 1
-                requests[token] = (function, "result", reply["result"])
+                answered_with_result.add(token)
                 if reply["result"] != token:
                     wrong_results += 1
             else:
                 code = str((reply.get("error") or {}).get("code"))
                 outcomes[f"error:{code}"] += 1
-                requests[token] = (function, code, None)
 
     killed: dict[int, float] = {}  # pid: when
     last_kill = time.monotonic()
@@ -766,7 +754,12 @@ async def _kill_storm(
         senders += [sender(index, caller, ids) for _ in range(in_flight)]
     await asyncio.gather(killer(), *senders)
     await asyncio.sleep(0.3)  # a duplicate reply would arrive now
-    after = await _status(port) or {}
+    after, after_error = await _read_status(port)
+    status_errors = [
+        f"/status could not be read {when}: {error}"
+        for when, error in (("before the storm", before_error), ("after it", after_error))
+        if error
+    ]
     duplicates = sum(c.duplicates for c in callers)
     unknown = sum(c.unknown for c in callers)
     await asyncio.gather(*(c.close() for c in callers))
@@ -776,7 +769,7 @@ async def _kill_storm(
         "duration_s": duration,
         "clients": len(callers),
         "sent": len(requests),
-        "sent_by_function": dict(sent_by_function),
+        "sent_by_function": dict(Counter(requests.values())),
         "results": outcomes["results"],
         "worker_lost": errors.pop(wire.WORKER_LOST, 0),
         "other_errors": errors,
@@ -797,9 +790,12 @@ async def _kill_storm(
         "backoff_restarts": sum(1 for pid in killed if delays.get(pid, 0.0) > 0),
         "max_restart_delay_s": max((delays.get(pid, 0.0) for pid in killed), default=0.0),
         "unexpected_exits": sum(1 for pid in delays if pid not in killed),
-        "status": _status_delta(before, after),
+        # Deltas only when both were read: an unreadable "before" would make them totals.
+        "status": {} if before is None or after is None else _status_delta(before, after),
+        "status_error": "; ".join(status_errors) or None,
         "twistd_alive": tree.alive(),
         "requests": requests,
+        "answered_with_result": answered_with_result,
     }
 
 
@@ -1950,35 +1946,37 @@ def documented_reply(payload: bytes, port: str) -> list[dict[str, Any]] | None:
     return None if reply is None else [reply]
 
 
-async def check_worker_input(port: int, payload: bytes) -> list[str]:
+async def check_worker_input(port: int, payload: bytes) -> tuple[list[str], bool]:
     """
     Send ``payload`` as one line (any ``\\n`` in it replaced by a space) to the
     worker port and check the replies against :func:`documented_reply`.
 
-    :return: the problems found (none for an input the documents do not fix).
+    :return: the problems found, and whether the input was judged (an input the
+        documents do not fix is neither sent nor judged, and has no problem).
     """
     payload = payload.replace(b"\n", b" ")
     expected = documented_reply(payload, "worker")
     if expected is None:
-        return []
-    return await line_exchange(port, payload + b"\n", expected)
+        return [], False
+    return await line_exchange(port, payload + b"\n", expected), True
 
 
-async def check_gateway_input(port: int, payload: bytes) -> list[str]:
+async def check_gateway_input(port: int, payload: bytes) -> tuple[list[str], bool]:
     """
     Send ``payload`` to the gateway: as a text frame if it is UTF-8, else as a
     binary frame (``bad_request``); check the replies against :func:`documented_reply`.
 
-    :return: the problems found (none for an input the documents do not fix).
+    :return: the problems found, and whether the input was judged (an input the
+        documents do not fix is neither sent nor judged, and has no problem).
     """
     try:
         payload.decode("utf-8")
     except UnicodeDecodeError:
-        return await frame_exchange(port, _binary(payload), BAD)
+        return await frame_exchange(port, _binary(payload), BAD), True
     expected = documented_reply(payload, "gateway")
     if expected is None:
-        return []
-    return await frame_exchange(port, text_frame(payload), expected)
+        return [], False
+    return await frame_exchange(port, text_frame(payload), expected), True
 
 
 _TOKENS = [
@@ -2054,6 +2052,12 @@ def generated_inputs(count: int, seed: int = 0) -> list[bytes]:
     return inputs
 
 
+#: The share of the generated inputs the reference model must judge on each port
+#: (it judges 95-100 % of them at every seed from 0 to 299, 100 or 200 inputs):
+#: fewer means the model stopped answering, and the scenario checks nothing.
+JUDGED_FRACTION = 0.9
+
+
 def hostile(
     examples: int = 200,
     *,
@@ -2066,11 +2070,13 @@ def hostile(
     (:func:`generated_inputs`) on each port, each input on a new connection;
     then a noop, and the processes compared with those before.
 
-    :return: ``worker_port_inputs``, ``gateway_inputs``, ``problems`` (how many
-        things were not as documented), ``problem_cases`` (the inputs they
-        concern, as ``"PORT, CASE"``), the first few in ``problem_list``;
-        ``processes_unchanged`` (the twistd process alive and the worker pids
-        the same), ``noop_after``.
+    :return: ``worker_port_inputs``, ``gateway_inputs``, ``generated``;
+        ``judged_worker_port`` and ``judged_gateway`` (the generated inputs the
+        reference model gave an exact answer for, and so were checked, on each
+        port); ``problems`` (how many things were not as documented),
+        ``problem_cases`` (the inputs they concern, as ``"PORT, CASE"``), the
+        first few in ``problem_list``; ``processes_unchanged`` (the twistd
+        process alive and the worker pids the same), ``noop_after``.
     """
     with _trees(directory, "hostile") as trees:
         tree, gateway, pool = trees.all(count)
@@ -2088,12 +2094,18 @@ async def _hostile(gateway: int, pool: int, examples: int, seed: int) -> dict[st
     # in the pool's accept queue that hold up new ones for seconds (see the
     # report on first bursts), which would only blur what this scenario checks.
     worker_checked, found = await _worker_corpus(pool)
+    judged_worker_port = 0
     for payload in generated:
-        found += [(f"worker port, {payload!r}", p) for p in await check_worker_input(pool, payload)]
+        problems, judged = await check_worker_input(pool, payload)
+        judged_worker_port += judged
+        found += [(f"worker port, {payload!r}", p) for p in problems]
     gateway_checked, gateway_found = await _gateway_corpus(gateway)
     found += gateway_found
+    judged_gateway = 0
     for payload in generated:
-        found += [(f"gateway, {payload!r}", p) for p in await check_gateway_input(gateway, payload)]
+        problems, judged = await check_gateway_input(gateway, payload)
+        judged_gateway += judged
+        found += [(f"gateway, {payload!r}", p) for p in problems]
     caller = await _Caller.open(gateway)
     try:
         reply = await caller.call({"id": "after", "function": "noop"}, 10)
@@ -2104,9 +2116,10 @@ async def _hostile(gateway: int, pool: int, examples: int, seed: int) -> dict[st
         "worker_port_inputs": worker_checked + len(generated),
         "gateway_inputs": gateway_checked + len(generated),
         "generated": len(generated),
-        # Of those, the ones the reference model gives an exact answer for (on the
-        # worker port; the rest are not judged).
-        "judged": sum(1 for g in generated if documented_reply(g, "worker") is not None),
+        # Of those, the ones the reference model gives an exact answer for, on the
+        # worker port and on the gateway; the rest are not judged.
+        "judged_worker_port": judged_worker_port,
+        "judged_gateway": judged_gateway,
         "problems": len(found),
         "problem_cases": sorted({case for case, _ in found}),
         "problem_list": [_short(f"{case}: {problem}", 400) for case, problem in found[:20]],
@@ -2283,6 +2296,8 @@ async def _supervisor_crash(
     await asyncio.to_thread(pool.process.wait, 10)
     pool_gone: float | None = None
     orphans = 0
+    # More rounds than orphan_limit takes: the loop ends with the group empty
+    # (pool_gone) or with its survivors counted (orphans), never with neither.
     for _ in range(int((orphan_limit + 1) / 0.05)):
         remaining = group_pids(pool_pgid)
         elapsed = time.monotonic() - killed_at
@@ -2406,7 +2421,9 @@ def idle_websockets(
     :return: ``opened``, ``open_failures``, ``open_s``; ``status_clients`` (the
         most ``/status`` reported); ``noop_ok`` of 20 and ``noop_p50_ms``,
         ``noop_max_ms``; ``dropped`` (idle connections the gateway closed);
-        ``gateway_rss_mib`` while they are open; ``clients_after_close``.
+        ``gateway_rss_mib`` while they are open; ``clients_after_close`` (``None``
+        if ``/status`` did not say); ``status_error`` (what could not be read,
+        when; ``None`` if nothing).
     """
     limit, _ = raise_open_files_limit()
     if limit < n + 200:
@@ -2434,15 +2451,20 @@ async def _idle_websockets(
     started = time.monotonic()
     idle, failures = await _open_bounded(open_one, n, concurrency)
     open_s = time.monotonic() - started
+    status_errors: list[str] = []
+    error = ""  # of the last /status read
     status_clients = 0
     for _ in range(int(10 / 0.05)):
-        document = await _status(port)
+        document, error = await _read_status(port)
         status_clients = max(
             status_clients, ((document or {}).get("gateway") or {}).get("clients", 0)
         )
         if status_clients >= len(idle):
             break
         await asyncio.sleep(0.05)
+    else:
+        if error:
+            status_errors.append(f"/status could not be read with the idle clients open: {error}")
     rss = _rss_mib(tree.pid)
     caller = await _Caller.open(port)
     latencies, noop_failures = await _noop_latencies(caller, 20, iter(range(1000)))
@@ -2454,11 +2476,16 @@ async def _idle_websockets(
             p.transport.abort()
     after: int | None = None
     for _ in range(int(10 / 0.05)):
-        document = await _status(port)
+        document, error = await _read_status(port)
         after = ((document or {}).get("gateway") or {}).get("clients")
         if after == 0:
             break
         await asyncio.sleep(0.05)
+    else:
+        if error:
+            status_errors.append(
+                f"/status could not be read after the idle clients closed: {error}"
+            )
     return {
         "n": n,
         "opened": len(idle),
@@ -2472,6 +2499,7 @@ async def _idle_websockets(
         "dropped": dropped,
         "gateway_rss_mib": rss,
         "clients_after_close": after,
+        "status_error": "; ".join(status_errors) or None,
         "twistd_alive": tree.alive(),
     }
 
@@ -2580,6 +2608,16 @@ def problems(name: str, counts: dict[str, Any]) -> list[str]:
             counts["problems"] == 0,
             f"not as documented: {', '.join(counts['problem_cases'])}",
         )
+        # A reference model that answered nothing exactly would judge nothing, and
+        # find nothing wrong.
+        generated = counts["generated"]
+        least = math.floor(JUDGED_FRACTION * generated)
+        for port, key in (("worker port", "judged_worker_port"), ("gateway", "judged_gateway")):
+            want(
+                counts[key] >= least,
+                f"too few generated inputs judged on the {port}: {counts[key]} of {generated}, "
+                f"not at least {least} ({JUDGED_FRACTION:.0%})",
+            )
         want(counts["processes_unchanged"], "a process died")
         want(counts["noop_after"], "no noop after the corpus")
     elif name.startswith("supervisor_crash"):
@@ -2596,8 +2634,8 @@ def problems(name: str, counts: dict[str, Any]) -> list[str]:
                 counts["dropped"] == 0,
                 f"dropped WebSockets: the gateway closed {counts['dropped']}",
             )
+        # orphans == 0 also says the killed pool's process group emptied (pool_gone_s).
         want(counts["orphans"] == 0, f"orphans: {counts['orphans']} processes of the pool survived")
-        want(counts["pool_gone_s"] is not None, "the killed pool's process group never emptied")
         want(counts["restart_error"] is None, f"no restart: {counts['restart_error']}")
         want(counts["restart_first_result_s"] is not None, "the restarted pool did not serve")
         want(counts["results_after_restart"] > 0, "no result after the restart")
@@ -2607,14 +2645,27 @@ def problems(name: str, counts: dict[str, Any]) -> list[str]:
         )
         want(counts["gateway_alive"], "the gateway died")
     elif name == "idle_websockets":
+        n = counts["n"]
+        # Every open either succeeds or fails: opened == n says open_failures == 0.
         want(
-            counts["opened"] == counts["n"] and counts["open_failures"] == 0,
-            f"idle clients not opened: {counts['opened']} of {counts['n']}",
+            counts["opened"] == n,
+            f"idle clients not opened: {counts['opened']} of {n} "
+            f"({counts['open_failures']} failed)",
         )
         want(counts["dropped"] == 0, f"idle clients dropped: {counts['dropped']}")
-        want(counts["status_clients"] >= counts["n"], "/status counted fewer clients")
+        error = counts["status_error"]
+        want(error is None, str(error))  # it says what could not be read, when
+        want(
+            counts["status_clients"] >= n,
+            f"/status counted fewer clients: at most {counts['status_clients']} of {n} open",
+        )
         want(counts["noop_failures"] == 0, f"noops failed: {counts['noop_failures']}")
-        want(counts["clients_after_close"] == 0, "/status still counts closed clients")
+        after = counts["clients_after_close"]
+        # No figure because /status could not be read is reported as that, above.
+        want(
+            after == 0 or (after is None and error is not None),
+            f"/status still counts closed clients: {after} after all {n} closed",
+        )
         want(counts["twistd_alive"], "twistd died")
     else:
         raise ValueError(f"no scenario named {name!r}")
@@ -2658,22 +2709,27 @@ def _kill_storm_problems(counts: dict[str, Any], want: Callable[[bool, str], Non
         f"results without a run: {counts['results_not_run']}",
     )
     want(counts["ran_unsent"] == 0, f"runs of requests never sent: {counts['ran_unsent']}")
-    want(counts["executions"] >= results, f"fewer executions ({counts['executions']}) than results")
+    # (No "executions >= results": tokens are unique, so results_not_run == 0 implies it.)
     # The storm happened, and cost what docs/reliability.rst says: a killed worker
     # loses its running task and, with --prefetch N, the N sent ahead to it.
     expected_kills = int(counts["duration_s"] / counts["kill_interval_s"]) // 2
-    want(counts["kills"] >= expected_kills, f"too few kills: {counts['kills']}")
+    want(
+        counts["kills"] >= expected_kills,
+        f"too few kills: {counts['kills']}, not at least {expected_kills} (half the ticks); "
+        f"{counts['kill_skips']} ticks found no serving worker to kill",
+    )
     per_kill = 1 + counts["prefetch"]
     want(
         lost <= per_kill * counts["kills"],
         f"worker_lost over the documented figure: {lost} for {counts['kills']} kills "
         f"(at most {per_kill} per kill)",
     )
+    # Not implied by the latency bound below when the deadline is under that bound.
     want(
         counts["late"] == 0,
         f"late replies: {counts['late']} after the {counts['deadline_s']} s deadline",
     )
-    limit = round(LATENCY_FACTOR * DOCUMENTED_MAX_LATENCY_S, 3)
+    limit = counts["latency_limit_s"]
     want(
         counts["max_latency_s"] <= limit,
         f"max latency {counts['max_latency_s']} s over {limit} s "
@@ -2690,18 +2746,23 @@ def _kill_storm_problems(counts: dict[str, Any], want: Callable[[bool, str], Non
         f"up to {counts['max_restart_delay_s']} s",
     )
     want(counts["unexpected_exits"] == 0, f"unexpected exits: {counts['unexpected_exits']}")
-    status = counts["status"]
-    by_function = counts["sent_by_function"]
-    want(
-        status.get("inflight") == 0
-        and status.get("clients") == counts["clients"]
-        and status.get("requests") == sent
-        and status.get("ok") == results
-        and status.get("worker_lost") == lost
-        and status.get("by_function") == by_function,
-        f"/status disagrees: {status} after {sent} sent ({by_function}), {results} results, "
-        f"{lost} worker_lost, {counts['clients']} clients",
-    )
+    # What the gateway counted over the storm agrees with what the clients saw;
+    # if /status could not be read before or after, that is the problem instead.
+    error = counts["status_error"]
+    want(error is None, str(error))  # it says what could not be read, when
+    if error is None:
+        status = counts["status"]
+        expected = {
+            "inflight": 0,
+            "clients": counts["clients"],
+            "requests": sent,
+            "ok": results,
+            "worker_lost": lost,
+            "by_function": counts["sent_by_function"],
+        }
+        for field, value in expected.items():
+            seen = status.get(field)
+            want(seen == value, f"/status disagrees on {field}: expected {value!r}, saw {seen!r}")
     want(counts["twistd_alive"], "twistd died")
 
 

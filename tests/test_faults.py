@@ -40,8 +40,10 @@ def _storm(**changes: Any) -> dict[str, Any]:
         "deadline_s": 10.0,
         "late": 0,
         "max_latency_s": 0.3,
+        "latency_limit_s": 0.96,
         "kill_interval_s": 0.2,
         "kills": 39,
+        "kill_skips": 0,
         "recovery_s": 0.2,
         "backoff_restarts": 0,
         "max_restart_delay_s": 0.0,
@@ -60,6 +62,7 @@ def _storm(**changes: Any) -> dict[str, Any]:
             "worker_lost": 10,
             "by_function": dict(by_function),
         },
+        "status_error": None,
         "twistd_alive": True,
     }
     counts.update(changes)
@@ -83,7 +86,11 @@ STORM_VIOLATIONS = {
     "retry_ran_thrice": ({"retry_ran_thrice": 1}, "retry ran thrice: 1"),
     "result_without_run": ({"results_not_run": 1}, "results without a run: 1"),
     "run_never_sent": ({"ran_unsent": 1}, "runs of requests never sent: 1"),
-    "fewer_runs_than_results": ({"executions": 89}, "fewer executions (89) than results"),
+    # Fewer runs than results: with tokens unique, some result had no run.
+    "fewer_runs_than_results": (
+        {"executions": 89, "results_not_run": 1},
+        "results without a run: 1",
+    ),
     "unanswered": ({"results": 89, "missing": 1}, "unanswered: 1"),
     "reply_count": ({"results": 89}, "final replies: 100 sent, 89 results"),
     "answered_twice": ({"duplicates": 1}, "answered twice: 1"),
@@ -98,7 +105,10 @@ STORM_VIOLATIONS = {
         {"kills": 20, "worker_lost": 21, "results": 79},
         "worker_lost over the documented figure: 21 for 20 kills (at most 1 per kill)",
     ),
-    "too_few_kills": ({"kills": 19}, "too few kills: 19"),
+    "too_few_kills": (
+        {"kills": 19, "kill_skips": 3},
+        "too few kills: 19, not at least 20 (half the ticks); 3 ticks found no serving worker",
+    ),
     "late": ({"late": 1}, "late replies: 1"),
     "max_latency": ({"max_latency_s": 0.97}, "max latency 0.97 s over 0.96 s (3 x the documented"),
     "slow_recovery": ({"recovery_s": 1.01}, "recovery: the pool was whole 1.01 s"),
@@ -127,24 +137,45 @@ def test_kill_storm_prefetch_allows_the_prefetched_loss() -> None:
     assert _named(found, "worker_lost over the documented figure: 41 for 20 kills"), found
 
 
-@pytest.mark.parametrize(
-    "status",
-    [
-        {"inflight": 1},
-        {"clients": 9},
-        {"requests": 99},
-        {"ok": 91},
-        {"worker_lost": 9},
+STATUS_DISAGREEMENTS = {
+    "inflight": ({"inflight": 1}, "inflight: expected 0, saw 1"),
+    "clients": ({"clients": 9}, "clients: expected 10, saw 9"),
+    "requests": ({"requests": 99}, "requests: expected 100, saw 99"),
+    "ok": ({"ok": 91}, "ok: expected 90, saw 91"),
+    "worker_lost": ({"worker_lost": 9}, "worker_lost: expected 10, saw 9"),
+    "by_function": (
         {"by_function": {"traced_noop": 40}},
-        None,
-    ],
-    ids=["inflight", "clients", "requests", "ok", "worker_lost", "by_function", "unreadable"],
+        "by_function: expected {'traced_noop': 40, 'traced_sleep': 40, 'traced_retry': 20}, "
+        "saw {'traced_noop': 40}",
+    ),
+    "empty": (None, "inflight: expected 0, saw None"),
+}
+
+
+def test_kill_storm_takes_prefetch_as_a_keyword_only() -> None:
+    """--prefetch in options is refused before anything starts: the figure a kill may
+    cost is the prefetch keyword's, so it cannot disagree with the tree's option."""
+    for options in (("--prefetch", "1"), ("--prefetch=1",)):
+        with pytest.raises(ValueError, match="pass prefetch=N"):
+            faults.kill_storm(1.0, options=options)
+
+
+@pytest.mark.parametrize(
+    ("status", "named"), STATUS_DISAGREEMENTS.values(), ids=STATUS_DISAGREEMENTS
 )
-def test_kill_storm_status_disagreement_is_named(status: dict[str, Any] | None) -> None:
-    """A /status that disagrees with what the suite sent and received is reported."""
+def test_kill_storm_status_disagreement_is_named(status: dict[str, Any] | None, named: str) -> None:
+    """A /status that disagrees with what the suite sent and received is reported, naming
+    the field, what was expected and what it said."""
     document = {} if status is None else {**_storm()["status"], **status}
     found = faults.problems("kill_storm", _storm(status=document))
-    assert _named(found, "/status disagrees"), found
+    assert _named(found, f"/status disagrees on {named}"), found
+
+
+def test_kill_storm_unreadable_status_is_named_as_such() -> None:
+    """A /status that could not be read is reported as that, not as a disagreement."""
+    error = "/status could not be read after it: ConnectionRefusedError(111)"
+    found = faults.problems("kill_storm", _storm(status={}, status_error=error))
+    assert found == [error]
 
 
 # problems(): the other scenarios
@@ -259,26 +290,87 @@ def test_supervisor_crash_direct_clients_may_see_their_connection_break() -> Non
     assert faults.problems("supervisor_crash_direct", _crash("direct", **errors)) == []
 
 
-def test_hostile_and_idle_violations_are_named() -> None:
-    """A corpus case not as documented, and an idle client dropped, are reported."""
-    hostile = {
-        "problems": 1,
-        "problem_cases": ["gateway, timeout 1e300"],
+def _hostile(**changes: Any) -> dict[str, Any]:
+    counts: dict[str, Any] = {
+        "generated": 100,
+        "judged_worker_port": 99,
+        "judged_gateway": 98,
+        "problems": 0,
+        "problem_cases": [],
         "processes_unchanged": True,
         "noop_after": True,
     }
-    assert faults.problems("hostile", hostile) == ["not as documented: gateway, timeout 1e300"]
-    idle = {
+    counts.update(changes)
+    return counts
+
+
+def _idle(**changes: Any) -> dict[str, Any]:
+    counts: dict[str, Any] = {
         "n": 10,
         "opened": 10,
         "open_failures": 0,
-        "dropped": 1,
+        "dropped": 0,
         "status_clients": 10,
         "noop_failures": 0,
         "clients_after_close": 0,
+        "status_error": None,
         "twistd_alive": True,
     }
-    assert faults.problems("idle_websockets", idle) == ["idle clients dropped: 1"]
+    counts.update(changes)
+    return counts
+
+
+def test_hostile_and_idle_violations_are_named() -> None:
+    """A corpus case not as documented, and an idle client dropped, are reported."""
+    assert faults.problems("hostile", _hostile()) == []
+    hostile = _hostile(problems=1, problem_cases=["gateway, timeout 1e300"])
+    assert faults.problems("hostile", hostile) == ["not as documented: gateway, timeout 1e300"]
+    assert faults.problems("idle_websockets", _idle()) == []
+    assert faults.problems("idle_websockets", _idle(dropped=1)) == ["idle clients dropped: 1"]
+
+
+@pytest.mark.parametrize("port", ["worker_port", "gateway"])
+def test_hostile_with_too_few_inputs_judged_is_named(port: str) -> None:
+    """A reference model that judges fewer than 90 % of the generated inputs (one that
+    returned None for all of them judges none) is reported, with the figures."""
+    at_least = faults.problems("hostile", _hostile(**{f"judged_{port}": 90}))
+    assert at_least == []
+    name = port.replace("_", " ")
+    found = faults.problems("hostile", _hostile(**{f"judged_{port}": 0}))
+    assert found == [
+        f"too few generated inputs judged on the {name}: 0 of 100, not at least 90 (90%)"
+    ]
+
+
+IDLE_VIOLATIONS = {
+    "not_opened": (
+        {"opened": 8, "open_failures": 2},
+        "idle clients not opened: 8 of 10 (2 failed)",
+    ),
+    "fewer_clients": (
+        {"status_clients": 7},
+        "/status counted fewer clients: at most 7 of 10 open",
+    ),
+    "closed_still_counted": (
+        {"clients_after_close": 3},
+        "/status still counts closed clients: 3 after all 10 closed",
+    ),
+    "no_figure_after_close": (
+        {"clients_after_close": None},
+        "/status still counts closed clients: None after all 10 closed",
+    ),
+    "unreadable_status": (
+        {"clients_after_close": None, "status_error": "/status could not be read after x"},
+        "/status could not be read after x",
+    ),
+}
+
+
+@pytest.mark.parametrize(("changes", "named"), IDLE_VIOLATIONS.values(), ids=IDLE_VIOLATIONS)
+def test_idle_violation_is_named(changes: dict[str, Any], named: str) -> None:
+    """Each idle-WebSocket violation is reported alone, by name and figure; an unreadable
+    /status as that, not as closed clients still counted."""
+    assert faults.problems("idle_websockets", _idle(**changes)) == [named]
 
 
 def test_unknown_scenario_is_refused() -> None:

@@ -78,7 +78,7 @@ class KillStormTests(IntegrationTestCase):
             count=8,
             seed=6,
             directory=self.tmp_path,
-            options=("--prefetch", "1"),
+            prefetch=1,
         )
         _report("kill storm --prefetch 1", counts)
         assert (counts["clients"], counts["in_flight"], counts["prefetch"]) == (10, 4, 1)
@@ -235,7 +235,8 @@ class HostileInputTests(IntegrationTestCase):
         counts = faults.hostile(100, seed=0, count=2, directory=self.tmp_path)
         _report("hostile", counts)
         assert counts["worker_port_inputs"] >= 150 and counts["gateway_inputs"] >= 150
-        assert counts["judged"] >= 90  # generated inputs the reference model answers exactly
+        # Generated inputs the reference model answers exactly, on each port.
+        assert counts["judged_worker_port"] >= 90 and counts["judged_gateway"] >= 90
         assert faults.problems("hostile", counts) == []
 
     @pytest.mark.timeout(60)
@@ -262,7 +263,7 @@ class HostileInputTests(IntegrationTestCase):
         docs/protocol.rst gives for it, and no process dies."""
         tree, gateway, pool_port = self.role_all(2)
         workers = tree.worker_pids()
-        judged = []
+        judged = []  # on the worker port
 
         @settings(
             max_examples=200,
@@ -273,15 +274,15 @@ class HostileInputTests(IntegrationTestCase):
         )
         @given(payload=_INPUTS)
         def check(payload: bytes) -> None:
-            async def both() -> list[str]:
-                return [
-                    *await faults.check_worker_input(pool_port, payload),
-                    *await faults.check_gateway_input(gateway, payload),
-                ]
+            async def both() -> tuple[list[str], bool]:
+                found, worker_judged = await faults.check_worker_input(pool_port, payload)
+                found += (await faults.check_gateway_input(gateway, payload))[0]
+                return found, worker_judged
 
-            if faults.documented_reply(payload.replace(b"\n", b" "), "worker") is not None:
+            found, worker_judged = asyncio.run(both())
+            if worker_judged:
                 judged.append(payload)
-            assert asyncio.run(both()) == []
+            assert found == []
 
         check()
         assert len(judged) >= 150  # most inputs have a documented exact reply
