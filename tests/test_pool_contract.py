@@ -60,6 +60,8 @@ class Tasks:
         self.running: list[Deferred[Any]] = []
         #: How many ``wait`` calls were cancelled while they ran.
         self.cancelled = 0
+        #: The arguments ``received`` ran with, in order.
+        self.seen: list[Any] = []
 
     def functions(self) -> dict[str, Callable[..., Any]]:
         """Every task, by the name a worker registers it under."""
@@ -92,6 +94,7 @@ class Tasks:
 
     def received(self, value: Any) -> str:
         """The argument as the task got it."""
+        self.seen.append(value)
         return repr(value)
 
     def result(self, name: str) -> Any:
@@ -293,11 +296,12 @@ def test_arguments_arrive_as_json(harness: Harness, value: Any, received: str) -
     assert answer(harness, harness.pool.send_task("received", (value,))) == received
 
 
-def test_unencodable_arguments(harness: Harness) -> None:
+def test_unencodable_arguments(harness: Harness, tasks: Tasks) -> None:
     """Arguments JSON cannot carry fail the call with bad_request, and run no task."""
     d = harness.pool.send_task("received", (Opaque(),))
     message = "the arguments cannot be sent as JSON: Object of type Opaque is not JSON serializable"
     assert error(harness, d) == (wire.BAD_REQUEST, message, None)
+    assert tasks.seen == []
 
 
 @pytest.mark.parametrize("name", sorted(RESULTS))
@@ -398,7 +402,7 @@ def test_cancel(harness: Harness, tasks: Tasks) -> None:
 @pytest.mark.parametrize("timeout", [0, -1, float("inf")])
 def test_bad_timeout_rejected(harness: Harness, timeout: float) -> None:
     """A timeout that is not a positive finite number raises ValueError at once."""
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="timeout must be a positive number of seconds"):
         harness.pool.send_task("add", (1, 2), timeout=timeout)
 
 
