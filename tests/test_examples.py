@@ -12,12 +12,12 @@ from typing import Any
 
 import attrs
 import pytest
-import pytest_twisted
 from aiosmtpd.controller import Controller
 from twisted.internet.task import Clock
 
 from taskoffload import examples
 from tests._trial_bridge import pytest_module
+from tests.outcomes import outcome
 
 
 def test_noop() -> None:
@@ -55,12 +55,6 @@ def test_fail_raises() -> None:
         examples.fail()
 
 
-@pytest_twisted.ensureDeferred
-async def test_whoami_names_the_process() -> None:
-    """whoami's Deferred fires with this process's id."""
-    assert await examples.whoami() == {"pid": os.getpid()}
-
-
 def test_whoami_waits_without_blocking(monkeypatch: pytest.MonkeyPatch) -> None:
     """whoami waits for its delay on the reactor's clock, not by blocking, then names the process."""
     import twisted.internet
@@ -72,7 +66,7 @@ def test_whoami_waits_without_blocking(monkeypatch: pytest.MonkeyPatch) -> None:
     clock.advance(0.049)
     assert not deferred.called
     clock.advance(0.001)
-    assert deferred.result == {"pid": os.getpid()}
+    assert outcome(deferred) == {"pid": os.getpid()}
 
 
 # -- send_mail against a real SMTP server --------------------------------------------

@@ -220,7 +220,8 @@ def test_stable_run_resets_backoff() -> None:
 
 
 def test_young_worker_that_served_is_restarted_at_once() -> None:
-    """A worker SIGKILLed 0.1 s after it served is re-forked with no delay, every time."""
+    """A worker SIGKILLed 0.1 s after it began serving (and ran a task) is re-forked
+    with no delay, every time."""
     pool = Pool(count=1)
     for n in range(4):
         pid = 500 + n
@@ -256,10 +257,11 @@ def test_young_worker_that_served_after_crashes_is_restarted_at_once() -> None:
 
 
 def test_young_worker_that_never_served_is_backed_off() -> None:
-    """A worker that dies 0.9 s after its fork without serving waits 0.5 s, then 1 s."""
+    """A worker that dies just under STABLE_SECONDS after its fork without serving waits
+    0.5 s, then 1 s."""
     pool = Pool(count=1)
     for attempt, delay in enumerate([0.5, 1.0], start=1):
-        crash(pool, pid=600 + attempt, runs=1.0 - 0.125)
+        crash(pool, pid=600 + attempt, runs=supervisor.STABLE_SECONDS - EPSILON)
         assert len(pool.forks()) == attempt - 1
         assert [c.getTime() for c in pool.reactor.getDelayedCalls()] == [
             pool.reactor.seconds() + delay

@@ -1150,10 +1150,14 @@ def test_unregistered_name_is_unknown_function(
 
 
 def test_registered_example_runs_beside_unknown_names(examples_server: TaskServerFactory) -> None:
-    """On the server that refuses builtins, the registered ``echo`` is served."""
+    """On the server that refuses builtins, after an unknown name on the same
+    connection, the registered ``echo`` is served."""
     connection = Connection(examples_server)
-    connection.call("echo", 1, args={"a": 1})
-    assert connection.replies() == [{"id": 1, "result": {"a": 1}}]
+    connection.call("eval", 1, args=["1"])
+    connection.call("echo", 2, args={"a": 1})
+    [refused, served] = connection.replies()
+    assert refused["error"]["code"] == "unknown_function"
+    assert served == {"id": 2, "result": {"a": 1}}
 
 
 def test_type_error_inside_task_is_task_failed() -> None:
