@@ -268,6 +268,21 @@ class IntegrationTestCase(unittest.TestCase):
         self.add_pythonpath(self.tmp_path)
         return path
 
+    def refused_start(self, name: str, source: str) -> str:
+        """Start a one-worker pool on the task module ``name`` (``source``), which is
+        expected to be refused; wait for twistd to exit. :return: its log."""
+        self.tasks_module(name, source)
+        tree = self.twistd(
+            "--role=worker",
+            "--count=1",
+            "--listen",
+            f"tcp:{free_port()}:interface=127.0.0.1",
+            "--tasks",
+            name,
+        )
+        tree.process.wait(timeout=30)
+        return tree.log()
+
     def twistd(self, *args: str, directory: Path | None = None) -> Twistd:
         """Start ``twistd -n taskoffload ARGS...`` in ``directory`` (the test's own by
         default); it is ended in cleanup."""

@@ -11,7 +11,7 @@ import json
 
 import psutil
 
-from tests.integration.support import IntegrationTestCase, LineClient, free_port, wait_for
+from tests.integration.support import IntegrationTestCase, LineClient, wait_for
 
 TASKS = """
 import os
@@ -119,17 +119,7 @@ class WorkerLifecycleTests(IntegrationTestCase):
     def test_task_module_importing_the_reactor_is_refused(self):
         """README (Writing tasks): a --tasks module that imports twisted.internet.reactor
         at import time stops the start, and the log says to import it inside the task."""
-        self.tasks_module("reactor_tasks", REACTOR_AT_IMPORT)
-        tree = self.twistd(
-            "--role=worker",
-            "--count=1",
-            "--listen",
-            f"tcp:{free_port()}:interface=127.0.0.1",
-            "--tasks",
-            "reactor_tasks",
-        )
-        tree.process.wait(timeout=30)
-        log = tree.log()
+        log = self.refused_start("reactor_tasks", REACTOR_AT_IMPORT)
         assert "The worker pool cannot start" in log, log
         assert "a task module imported twisted.internet.reactor at import time" in log, log
         assert "import it inside the task function instead" in log, log

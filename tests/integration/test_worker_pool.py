@@ -13,7 +13,6 @@ import psutil
 from tests.integration.support import (
     IntegrationTestCase,
     LineClient,
-    free_port,
     wait_for,
 )
 
@@ -243,16 +242,6 @@ class WorkerPoolTests(IntegrationTestCase):
     def test_tasks_module_that_fails_to_import_stops_the_service(self):
         """A --tasks module that raises on import stops twistd with the error in its log,
         instead of holding the port open with no worker to accept."""
-        self.tasks_module("broken_tasks", "raise RuntimeError('broken on purpose')\n")
-        tree = self.twistd(
-            "--role=worker",
-            "--count=1",
-            "--listen",
-            f"tcp:{free_port()}:interface=127.0.0.1",
-            "--tasks",
-            "broken_tasks",
-        )
-        tree.process.wait(timeout=30)
-        log = tree.log()
+        log = self.refused_start("broken_tasks", "raise RuntimeError('broken on purpose')\n")
         assert "The worker pool cannot start" in log
         assert "broken on purpose" in log
