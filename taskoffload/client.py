@@ -24,10 +24,13 @@ from twisted.internet.protocol import ClientCreator, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
-from zope.interface import Interface, implementer
+from zope.interface import implementer
 
 from taskoffload import wire
 from taskoffload._transport import write_now
+from taskoffload.defaults import DEFAULT_POOL
+from taskoffload.errors import TaskError
+from taskoffload.interfaces import ITaskPool
 
 __all__ = [
     "CONNECT_BACKOFF",
@@ -38,9 +41,6 @@ __all__ = [
     "TaskClientProtocol",
     "TaskError",
 ]
-
-#: The worker port a pool listens on by default.
-DEFAULT_POOL: Final = "tcp:127.0.0.1:12345"
 
 #: Seconds an address is skipped after a connection attempt to it failed.
 CONNECT_BACKOFF: Final = 1.0
@@ -61,86 +61,6 @@ DUPLICATE_RETRIES: Final = 4
 _EPSILON: Final = 1e-6
 
 _FOREVER: Final = float("inf")
-
-
-class TaskError(Exception):
-    """
-    A task did not produce a result: the error reply of the wire format, or the
-    same codes for what went wrong on the client's side (``timeout``,
-    ``cancelled``, ``worker_lost``).
-
-    :ivar code: one of :data:`taskoffload.wire.ERROR_CODES`.
-    :ivar message: what went wrong, for a person.
-    :ivar type: the exception class name for ``task_failed``, else ``None``.
-    """
-
-    def __init__(self, code: str, message: str, type: str | None = None) -> None:
-        super().__init__(code, message, type)
-        self.code = code
-        self.message = message
-        self.type = type
-
-    def __str__(self) -> str:
-        if self.type:
-            return f"{self.code} ({self.type}): {self.message}"
-        return f"{self.code}: {self.message}"
-
-    @classmethod
-    def from_reply(cls, reply: wire.ErrorReply) -> TaskError:
-        """
-        :return: the error an error reply stands for.
-        """
-        return cls(reply.code, reply.message, reply.type)
-
-    def to_reply(self, request_id: wire.RequestId) -> wire.ErrorReply:
-        """
-        :param request_id: the id the reply answers.
-        :return: this error as a wire-format error reply.
-        """
-        return wire.ErrorReply(id=request_id, code=self.code, message=self.message, type=self.type)
-
-
-class ITaskPool(Interface):
-    """Something that runs named tasks and tells the caller how they ended."""
-
-    def call(function: str, *args: Any, **kwargs: Any) -> Deferred[Any]:
-        """
-        Run ``function(*args, **kwargs)`` with the default timeout.
-
-        :return: a Deferred that fires with the task's result or fails with
-            :class:`TaskError`.
-        """
-
-    def send_task(
-        function: str,
-        args: Sequence[Any] = (),
-        kwargs: Mapping[str, Any] | None = None,
-        timeout: float | None = None,
-        on_progress: Callable[[Any], object] | None = None,
-    ) -> Deferred[Any]:
-        """
-        Run ``function(*args, **kwargs)``.
-
-        :param timeout: seconds to wait for the result, or ``None`` for the
-            pool's default.
-        :param on_progress: called with each progress value the task reports.
-        :return: a Deferred that fires with the task's result or fails with
-            :class:`TaskError`; cancelling it cancels the task.
-        """
-
-    def slots() -> int | None:
-        """
-        :return: how many tasks the pool runs at once (its workers times their
-            concurrency), or ``None`` while the pool has not said.
-        """
-
-    def capacity() -> int | None:
-        """
-        :return: how many calls the pool takes at once before further calls wait
-            in line on the caller's side: its :meth:`slots`, plus what it sends
-            ahead to busy workers; ``None`` while the pool has not said.  The
-            gateway divides this among its clients (its fair share).
-        """
 
 
 # What a TaskClient checks, says and counts, in one place so that

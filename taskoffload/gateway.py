@@ -23,7 +23,10 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from taskoffload import wire
-from taskoffload.client import ITaskPool, TaskError, cancelled_error
+from taskoffload.client import cancelled_error
+from taskoffload.defaults import AUTO_PING
+from taskoffload.errors import TaskError
+from taskoffload.interfaces import ITaskPool
 
 __all__ = [
     "GatewayAccess",
@@ -661,7 +664,7 @@ class GatewayFactory(WebSocketServerFactory):
         clock: Any = None,
         limits: GatewayLimits | None = None,
         stats: GatewayStats | None = None,
-        auto_ping: float = 30.0,
+        auto_ping: float = AUTO_PING,
         url: str | None = None,
         access: GatewayAccess | None = None,
     ) -> None:

@@ -14,6 +14,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
 from taskoffload.client import TaskClient
+from taskoffload.defaults import AUTO_PING, STOP_TIMEOUT
 from taskoffload.gateway import GatewayAccess, GatewayFactory, GatewayLimits, GatewayStats
 from taskoffload.supervisor import WorkerPoolService
 from taskoffload.web import GatewayMetrics, make_site, status_document
@@ -59,8 +60,8 @@ class GatewayService(Service):
         pool_addresses: Sequence[str] = (),
         pool_service: WorkerPoolService | None = None,
         limits: GatewayLimits | None = None,
-        auto_ping: float = 30.0,
-        stop_timeout: float = 30.0,
+        auto_ping: float = AUTO_PING,
+        stop_timeout: float = STOP_TIMEOUT,
         reactor: Any = None,
         access: GatewayAccess | None = None,
         secret: bytes | None = None,

@@ -25,6 +25,7 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from taskoffload import wire
+from taskoffload.defaults import DEFAULT_POOL_LISTEN, IDLE_TIMEOUT, STOP_TIMEOUT
 
 __all__ = ["PoolConfig", "WorkerPoolService"]
 
@@ -47,15 +48,15 @@ class PoolConfig:
     :ivar env: environment variables set in the workers.
     """
 
-    listen: str = "tcp:12345:interface=127.0.0.1"
+    listen: str = DEFAULT_POOL_LISTEN
     count: int = 4
     concurrency: int = 1
     tasks: tuple[str, ...] = ("taskoffload.examples",)
     max_message: int = wire.DEFAULT_MAX_MESSAGE
-    stop_timeout: float = 30.0
+    stop_timeout: float = STOP_TIMEOUT
     env: dict[str, str] = attrs.field(factory=dict)
     #: Seconds within which a started request line must be finished.
-    idle_timeout: float = 60.0
+    idle_timeout: float = IDLE_TIMEOUT
     #: Replace a worker after this many tasks (``None``: never).
     max_tasks_per_child: int | None = None
     #: Replace a worker whose resident memory passes this many MiB (``None``: never).

@@ -12,6 +12,14 @@ from twisted.python import usage
 
 from taskoffload import wire
 from taskoffload.client import PoolAddress
+from taskoffload.defaults import (
+    AUTO_PING,
+    DEFAULT_GATEWAY_LISTEN,
+    DEFAULT_POOL,
+    DEFAULT_POOL_LISTEN,
+    IDLE_TIMEOUT,
+    STOP_TIMEOUT,
+)
 from taskoffload.signals import ExitZeroOnSigterm
 from taskoffload.supervisor import PoolConfig, WorkerPoolService
 
@@ -21,9 +29,6 @@ if TYPE_CHECKING:
 __all__ = ["Options", "makeService"]
 
 ROLES = ("worker", "gateway", "all")
-DEFAULT_POOL_LISTEN = "tcp:12345:interface=127.0.0.1"
-DEFAULT_GATEWAY_LISTEN = "tcp:8080:interface=127.0.0.1"
-DEFAULT_POOL = "tcp:127.0.0.1:12345"
 
 
 def default_count() -> int:
@@ -112,7 +117,7 @@ class Options(usage.Options):
         [
             "stop-timeout",
             None,
-            30.0,
+            STOP_TIMEOUT,
             "Seconds a stopping worker may spend finishing its tasks.",
             _positive_float,
         ],
@@ -127,7 +132,7 @@ class Options(usage.Options):
         [
             "idle-timeout",
             None,
-            60.0,
+            IDLE_TIMEOUT,
             "Seconds within which a started request line must be finished.",
             _positive_float,
         ],
@@ -174,7 +179,7 @@ class Options(usage.Options):
         [
             "auto-ping",
             None,
-            30.0,
+            AUTO_PING,
             "Gateway: seconds between WebSocket pings; a peer silent as long again is dropped.",
             _whole_seconds,
         ],

@@ -30,6 +30,7 @@ from zope.interface import Interface, implementer
 
 from taskoffload import wire
 from taskoffload._transport import write_now
+from taskoffload.defaults import IDLE_TIMEOUT
 from taskoffload.registry import PROGRESS_PARAMETER, TaskRegistry
 
 __all__ = ["SharedSocketAcceptor", "TaskServerFactory", "TaskServerProtocol"]
@@ -379,7 +380,7 @@ class TaskServerFactory(Factory):
         max_message: int = wire.DEFAULT_MAX_MESSAGE,
         capacity_changed: Callable[[bool], None] | None = None,
         worker_id: int | None = None,
-        idle_timeout: float = 60.0,
+        idle_timeout: float = IDLE_TIMEOUT,
         after_task: Callable[[], None] | None = None,
         task_timeout: float | None = None,
         sync_deadlines: ISyncDeadlines | None = None,
