@@ -1,0 +1,177 @@
+"""
+The events a pool's processes send its supervisor, one schema for both ends of the
+pipe.
+
+The fork server and each worker write events as JSON lines (one ``write`` each, see
+:class:`taskoffload._child.EventWriter`); the supervisor reads them back with
+:func:`decode`.  Every event names the worker slot (``index``, ``None`` for the
+fork server's own) and the process (``pid``) it is about.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Final, TypeAlias
+
+import attrs
+import orjson
+
+__all__ = [
+    "BadEvent",
+    "Deadline",
+    "Event",
+    "Exited",
+    "Failed",
+    "Forked",
+    "Log",
+    "NotAnEvent",
+    "Ready",
+    "Recycling",
+    "Serving",
+    "Stats",
+    "Stopped",
+    "decode",
+    "encode",
+]
+
+
+class NotAnEvent(ValueError):
+    """A line from the pool is not an event at all (a process wrote other output)."""
+
+
+class BadEvent(ValueError):
+    """A line from the pool is an event, but not one of this schema."""
+
+
+@attrs.frozen(kw_only=True)
+class _Event:
+    #: The ``"event"`` field that names this kind on the pipe.
+    kind: ClassVar[str] = ""
+
+    #: The worker slot the event is about; ``None`` for the fork server's own.
+    index: int | None = None
+    #: The process the event is about.
+    pid: int
+
+
+@attrs.frozen(kw_only=True)
+class Log(_Event):
+    """A worker's log event, formatted."""
+
+    kind: ClassVar[str] = "log"
+    level: str = "info"
+    namespace: str = "?"
+    text: str = ""
+
+
+@attrs.frozen(kw_only=True)
+class Ready(_Event):
+    """The fork server has imported the task modules and takes fork commands."""
+
+    kind: ClassVar[str] = "ready"
+
+
+@attrs.frozen(kw_only=True)
+class Failed(_Event):
+    """The fork server could not import the task modules; it exits."""
+
+    kind: ClassVar[str] = "failed"
+    text: str = ""
+
+
+@attrs.frozen(kw_only=True)
+class Forked(_Event):
+    """The fork server forked a worker for slot ``index``."""
+
+    kind: ClassVar[str] = "forked"
+
+
+@attrs.frozen(kw_only=True)
+class Serving(_Event):
+    """A worker takes connections."""
+
+    kind: ClassVar[str] = "serving"
+
+
+@attrs.frozen(kw_only=True)
+class Stats(_Event):
+    """A worker's counts, sent when they change (at most once a second)."""
+
+    kind: ClassVar[str] = "stats"
+    tasks_done: int = 0
+    rss_mib: float | None = None
+
+
+@attrs.frozen(kw_only=True)
+class Deadline(_Event):
+    """
+    A worker runs a synchronous task with a deadline: kill it at ``kill_at`` (the
+    system-wide monotonic clock) if it is still running it; ``None`` when the task
+    ended.
+    """
+
+    kind: ClassVar[str] = "deadline"
+    kill_at: float | None = None
+
+
+@attrs.frozen(kw_only=True)
+class Recycling(_Event):
+    """A worker replaces itself (it ran enough tasks or uses too much memory)."""
+
+    kind: ClassVar[str] = "recycling"
+    reason: str = ""
+
+
+@attrs.frozen(kw_only=True)
+class Stopped(_Event):
+    """A worker has stopped serving; ``tasks_done`` is its final count."""
+
+    kind: ClassVar[str] = "stopped"
+    tasks_done: int = 0
+
+
+@attrs.frozen(kw_only=True)
+class Exited(_Event):
+    """A worker process has exited with ``code`` (negative: killed by that signal)."""
+
+    kind: ClassVar[str] = "exited"
+    code: int | None = None
+
+
+Event: TypeAlias = (
+    Log | Ready | Failed | Forked | Serving | Stats | Deadline | Recycling | Stopped | Exited
+)
+
+_KINDS: Final[dict[str, type[Event]]] = {
+    cls.kind: cls
+    for cls in (Log, Ready, Failed, Forked, Serving, Stats, Deadline, Recycling, Stopped, Exited)
+}
+
+
+def encode(event: Event) -> bytes:
+    """
+    :return: ``event`` as one JSON line, delimiter included.
+    """
+    fields = attrs.asdict(event, recurse=False)
+    return orjson.dumps({"event": event.kind, **fields}) + b"\n"
+
+
+def decode(line: bytes) -> Event:
+    """
+    :param line: one line from the pipe, with or without its delimiter.
+    :raises NotAnEvent: if ``line`` is not a JSON object with an ``"event"`` field.
+    :raises BadEvent: if it names no known kind, or its fields do not fit that kind.
+    """
+    try:
+        document: Any = orjson.loads(line)
+    except orjson.JSONDecodeError as e:
+        raise NotAnEvent(f"not JSON: {e}") from None
+    if not isinstance(document, dict) or "event" not in document:
+        raise NotAnEvent("not a JSON object with an event field")
+    kind = document.pop("event")
+    cls = _KINDS.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise BadEvent(f"unknown event kind {kind!r}")
+    try:
+        return cls(**document)
+    except TypeError as e:
+        raise BadEvent(f"fields do not fit: {e}") from None

@@ -1,0 +1,63 @@
+"""The event schema shared by the pool's processes and its supervisor."""
+
+from __future__ import annotations
+
+import pytest
+
+from taskoffload import events
+from tests._trial_bridge import pytest_module
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        events.Log(index=1, pid=10, level="warn", namespace="app", text="hello"),
+        events.Ready(pid=9),
+        events.Failed(pid=9, text="Traceback ..."),
+        events.Forked(index=0, pid=11),
+        events.Serving(index=0, pid=11),
+        events.Stats(index=0, pid=11, tasks_done=3, rss_mib=21.5),
+        events.Deadline(index=0, pid=11, kill_at=12.5),
+        events.Deadline(index=0, pid=11, kill_at=None),
+        events.Recycling(index=2, pid=12, reason="ran 10 tasks"),
+        events.Stopped(index=2, pid=12, tasks_done=10),
+        events.Exited(index=2, pid=12, code=-9),
+    ],
+)
+def test_every_kind_survives_the_pipe(event: events.Event) -> None:
+    """What one end encodes, the other decodes to an equal record of the same kind."""
+    line = events.encode(event)
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    assert events.decode(line) == event
+
+
+def test_the_line_names_its_kind() -> None:
+    """Each line carries its kind in the ``event`` field, beside slot and pid."""
+    assert events.encode(events.Forked(index=3, pid=40)) == (
+        b'{"event":"forked","index":3,"pid":40}\n'
+    )
+
+
+@pytest.mark.parametrize("line", [b"Traceback (most recent call last):", b"[1, 2]", b'{"a": 1}'])
+def test_other_output_is_not_an_event(line: bytes) -> None:
+    """A line that is not a JSON object with an ``event`` field is output, not an event."""
+    with pytest.raises(events.NotAnEvent):
+        events.decode(line)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b'{"event": "hatched", "index": 0, "pid": 1}',
+        b'{"event": ["serving"], "index": 0, "pid": 1}',
+        b'{"event": "serving", "index": 0}',
+        b'{"event": "serving", "index": 0, "pid": 1, "colour": "red"}',
+    ],
+)
+def test_an_event_off_the_schema_is_bad(line: bytes) -> None:
+    """An unknown kind, a missing pid or an unknown field is a bad event."""
+    with pytest.raises(events.BadEvent):
+        events.decode(line)
+
+
+testSuite = pytest_module(__file__)
