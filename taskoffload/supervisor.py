@@ -24,8 +24,7 @@ from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
-from taskoffload import wire
-from taskoffload.defaults import DEFAULT_POOL_LISTEN, IDLE_TIMEOUT, STOP_TIMEOUT
+from taskoffload.config import PoolConfig
 
 __all__ = ["PoolConfig", "WorkerPoolService"]
 
@@ -37,60 +36,6 @@ STABLE_SECONDS = 1.0
 #: First and largest delay before restarting a crash-looping worker.
 MIN_RESTART_DELAY = 0.5
 MAX_RESTART_DELAY = 30.0
-
-
-@attrs.frozen
-class PoolConfig:
-    """
-    Everything a worker pool is started with.
-
-    :ivar listen: a Twisted server endpoint string (``tcp:`` or ``unix:``).
-    :ivar env: environment variables set in the workers.
-    """
-
-    listen: str = DEFAULT_POOL_LISTEN
-    count: int = 4
-    concurrency: int = 1
-    tasks: tuple[str, ...] = ("taskoffload.examples",)
-    max_message: int = wire.DEFAULT_MAX_MESSAGE
-    stop_timeout: float = STOP_TIMEOUT
-    env: dict[str, str] = attrs.field(factory=dict)
-    #: Seconds within which a started request line must be finished.
-    idle_timeout: float = IDLE_TIMEOUT
-    #: Replace a worker after this many tasks (``None``: never).
-    max_tasks_per_child: int | None = None
-    #: Replace a worker whose resident memory passes this many MiB (``None``: never).
-    max_memory_per_child: int | None = None
-    #: Deadline of tasks whose request and registration give none (``None``: none).
-    task_timeout: float | None = None
-    #: Seconds past a task's deadline before its worker is killed, if the task
-    #: could not be interrupted.
-    kill_grace: float = 1.0
-    #: Shared secret every connection must prove it knows (``None``: none).
-    secret: bytes | None = attrs.field(default=None, repr=False)
-
-    def to_json(self) -> bytes:
-        """The configuration line sent to the fork server."""
-        return (
-            orjson.dumps(
-                {
-                    "tasks": list(self.tasks),
-                    "concurrency": self.concurrency,
-                    "count": self.count,
-                    "max_message": self.max_message,
-                    "stop_timeout": self.stop_timeout,
-                    "idle_timeout": self.idle_timeout,
-                    "max_tasks_per_child": self.max_tasks_per_child,
-                    "max_memory_per_child": self.max_memory_per_child,
-                    "task_timeout": self.task_timeout,
-                    "kill_grace": self.kill_grace,
-                    "secret": self.secret.hex() if self.secret is not None else None,
-                    "env": self.env,
-                    "path": [p for p in sys.path if p],
-                }
-            )
-            + b"\n"
-        )
 
 
 def _with_backlog(description: str, backlog: int = 1024) -> str:
