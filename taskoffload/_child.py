@@ -15,64 +15,18 @@ import socket
 import time
 from typing import Any, NoReturn
 
-import orjson
 from twisted.internet.interfaces import IReadDescriptor
-from twisted.logger import LogEvent, formatEvent
 from zope.interface import implementer
 
+from taskoffload.events import (
+    Deadline,
+    EventWriter,
+    Recycling,
+    Serving,
+    Stats,
+    Stopped,
+)
 from taskoffload.worker import DeadlineExceeded, ISyncDeadlines
-
-#: Largest write that a pipe keeps whole when several processes write to it.
-PIPE_ATOMIC = 4096
-
-
-class EventWriter:
-    """
-    Write JSON events, one per line, to a pipe shared with other processes.
-
-    Each event is one ``write`` of at most :data:`PIPE_ATOMIC` bytes; longer log
-    text is split over several events.
-    """
-
-    def __init__(self, fd: int, index: int | None) -> None:
-        self._fd = fd
-        self._index = index
-        self._pid = os.getpid()
-        self.broken = False
-
-    def send(self, event: dict[str, Any]) -> None:
-        """Write one event; a closed pipe (the supervisor is gone) is ignored."""
-        event.setdefault("index", self._index)
-        event.setdefault("pid", self._pid)
-        data = orjson.dumps(event) + b"\n"
-        if len(data) > PIPE_ATOMIC and isinstance(event.get("text"), str):
-            text = event["text"]
-            half = len(text) // 2
-            self.send({**event, "text": text[:half]})
-            self.send({**event, "text": text[half:]})
-            return
-        if self.broken:
-            return
-        try:
-            os.write(self._fd, data[:PIPE_ATOMIC])
-        except OSError:
-            self.broken = True
-
-    def log_observer(self, event: LogEvent) -> None:
-        """A :mod:`twisted.logger` observer that forwards events to the supervisor."""
-        text = formatEvent(event)
-        failure = event.get("log_failure")
-        if failure is not None:
-            text = f"{text}\n{failure.getTraceback()}"
-        level = event.get("log_level")
-        self.send(
-            {
-                "event": "log",
-                "level": level.name if level is not None else "info",
-                "namespace": event.get("log_namespace", "?"),
-                "text": text,
-            }
-        )
 
 
 @implementer(IReadDescriptor)
@@ -141,7 +95,11 @@ class AlarmDeadlines:
         # setitimer overflows on huge values; a deadline years away is none.
         seconds = min(seconds, MAX_ALARM_SECONDS)
         self._events.send(
-            {"event": "deadline", "kill_at": time.monotonic() + seconds + self._grace}
+            Deadline(
+                index=self._events.index,
+                pid=self._events.pid,
+                kill_at=time.monotonic() + seconds + self._grace,
+            )
         )
         signal.setitimer(signal.ITIMER_REAL, seconds)
         self._armed = True
@@ -150,7 +108,7 @@ class AlarmDeadlines:
         signal.setitimer(signal.ITIMER_REAL, 0)
         if self._armed:
             self._armed = False
-        self._events.send({"event": "deadline", "kill_at": None})
+        self._events.send(Deadline(index=self._events.index, pid=self._events.pid))
 
 
 def resident_mib() -> float:
@@ -235,7 +193,7 @@ def run_worker(
             reason = f"uses {rss:.0f} MiB (--max-memory-per-child {max_rss})"
         if reason is not None:
             log.info("Recycling: {reason}", reason=reason)
-            events.send({"event": "recycling", "reason": reason})
+            events.send(Recycling(index=index, pid=events.pid, reason=reason))
             stop_once()
 
     def supervisor_gone() -> None:
@@ -275,7 +233,7 @@ def run_worker(
         stats = (factory.tasks_done, round(resident_mib(), 1))
         if stats != last_report[0]:
             last_report[0] = stats
-            events.send({"event": "stats", "tasks_done": stats[0], "rss_mib": stats[1]})
+            events.send(Stats(index=index, pid=events.pid, tasks_done=stats[0], rss_mib=stats[1]))
 
     def started() -> None:
         assert acceptor is not None
@@ -286,10 +244,10 @@ def run_worker(
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         reactor.addReader(_Lifeline(lifeline_fd, supervisor_gone))  # type: ignore[attr-defined]  # IReactorFDSet
-        events.send({"event": "serving"})
+        events.send(Serving(index=index, pid=events.pid))
 
     reactor.addSystemEventTrigger("before", "shutdown", graceful_stop)  # type: ignore[attr-defined]  # IReactorCore
     reactor.callWhenRunning(started)  # type: ignore[attr-defined]  # IReactorCore
     reactor.run()  # type: ignore[attr-defined]  # IReactorCore
-    events.send({"event": "stopped", "tasks_done": factory.tasks_done})
+    events.send(Stopped(index=index, pid=events.pid, tasks_done=factory.tasks_done))
     os._exit(0)

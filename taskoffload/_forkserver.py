@@ -31,7 +31,7 @@ from typing import Any, NoReturn
 
 import orjson
 
-from taskoffload._child import EventWriter
+from taskoffload.events import EventWriter, Exited, Failed, Forked, Ready
 
 LISTEN_FD = 3
 LIFELINE_FD = 4
@@ -98,11 +98,11 @@ def main() -> NoReturn:
     try:
         _warm_up(config)
     except BaseException:
-        events.send({"event": "failed", "text": traceback.format_exc()})
+        events.send(Failed(pid=events.pid, text=traceback.format_exc()))
         os._exit(3)
     gc.collect()
     gc.freeze()  # keep the imported heap out of the collector: pages stay shared
-    events.send({"event": "ready"})
+    events.send(Ready(pid=events.pid))
 
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_r, False)
@@ -124,14 +124,7 @@ def main() -> NoReturn:
             if pid == 0:
                 return
             index = children.pop(pid, None)
-            events.send(
-                {
-                    "event": "exited",
-                    "index": index,
-                    "pid": pid,
-                    "code": os.waitstatus_to_exitcode(status),
-                }
-            )
+            events.send(Exited(index=index, pid=pid, code=os.waitstatus_to_exitcode(status)))
 
     def fork(index: int) -> None:
         # The fork server ignores SIGTERM, and a child inherits that until it
@@ -168,7 +161,7 @@ def main() -> NoReturn:
                 finally:
                     os._exit(1)
         children[pid] = index
-        events.send({"event": "forked", "index": index, "pid": pid})
+        events.send(Forked(index=index, pid=pid))
 
     while True:
         watched = [wake_r]

@@ -10,15 +10,19 @@ fork server's own) and the process (``pid``) it is about.
 
 from __future__ import annotations
 
+import os
 from typing import Any, ClassVar, Final, TypeAlias
 
 import attrs
 import orjson
+from twisted.logger import LogEvent, formatEvent
 
 __all__ = [
+    "PIPE_ATOMIC",
     "BadEvent",
     "Deadline",
     "Event",
+    "EventWriter",
     "Exited",
     "Failed",
     "Forked",
@@ -175,3 +179,57 @@ def decode(line: bytes) -> Event:
         return cls(**document)
     except TypeError as e:
         raise BadEvent(f"fields do not fit: {e}") from None
+
+
+#: Largest write that a pipe keeps whole when several processes write to it.
+PIPE_ATOMIC: Final = 4096
+
+
+class EventWriter:
+    """
+    Write events, one JSON line each, to a pipe shared with other processes.
+
+    Each event is one ``write`` of at most :data:`PIPE_ATOMIC` bytes; a longer
+    text (a log line, a traceback) is split over several events.
+
+    :ivar index: the worker slot of the writing process; ``None`` for the fork server.
+    :ivar pid: the writing process.
+    """
+
+    def __init__(self, fd: int, index: int | None) -> None:
+        self._fd = fd
+        self.index = index
+        self.pid = os.getpid()
+        self.broken = False
+
+    def send(self, event: Event) -> None:
+        """Write one event; a closed pipe (the supervisor is gone) is ignored."""
+        data = encode(event)
+        if len(data) > PIPE_ATOMIC and isinstance(event, Log | Failed):
+            half = len(event.text) // 2
+            self.send(attrs.evolve(event, text=event.text[:half]))
+            self.send(attrs.evolve(event, text=event.text[half:]))
+            return
+        if self.broken:
+            return
+        try:
+            os.write(self._fd, data[:PIPE_ATOMIC])
+        except OSError:
+            self.broken = True
+
+    def log_observer(self, event: LogEvent) -> None:
+        """A :mod:`twisted.logger` observer that forwards events to the supervisor."""
+        text = formatEvent(event)
+        failure = event.get("log_failure")
+        if failure is not None:
+            text = f"{text}\n{failure.getTraceback()}"
+        level = event.get("log_level")
+        self.send(
+            Log(
+                index=self.index,
+                pid=self.pid,
+                level=level.name if level is not None else "info",
+                namespace=event.get("log_namespace", "?"),
+                text=text,
+            )
+        )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from taskoffload import events
@@ -58,6 +60,59 @@ def test_an_event_off_the_schema_is_bad(line: bytes) -> None:
     """An unknown kind, a missing pid or an unknown field is a bad event."""
     with pytest.raises(events.BadEvent):
         events.decode(line)
+
+
+def read_lines(fd: int) -> list[bytes]:
+    os.set_blocking(fd, False)
+    data = b""
+    try:
+        while chunk := os.read(fd, 65536):
+            data += chunk
+    except BlockingIOError:
+        pass
+    return data.splitlines(keepends=True)
+
+
+def test_the_writer_writes_one_line_per_event() -> None:
+    """Each event sent is one line on the pipe, which decodes to that event."""
+    read_end, write_end = os.pipe()
+    writer = events.EventWriter(write_end, index=4)
+    writer.send(events.Serving(index=writer.index, pid=writer.pid))
+    writer.send(events.Stopped(index=writer.index, pid=writer.pid, tasks_done=2))
+    lines = read_lines(read_end)
+    assert [events.decode(line) for line in lines] == [
+        events.Serving(index=4, pid=os.getpid()),
+        events.Stopped(index=4, pid=os.getpid(), tasks_done=2),
+    ]
+    os.close(read_end)
+    os.close(write_end)
+
+
+def test_a_long_text_is_split_into_whole_writes() -> None:
+    """A log text too long for one atomic pipe write arrives as several whole events."""
+    read_end, write_end = os.pipe()
+    writer = events.EventWriter(write_end, index=0)
+    text = "".join(chr(ord("a") + n % 26) for n in range(3 * events.PIPE_ATOMIC))
+    writer.send(events.Log(index=0, pid=writer.pid, level="error", text=text))
+    lines = read_lines(read_end)
+    assert len(lines) > 1
+    assert all(len(line) <= events.PIPE_ATOMIC for line in lines)
+    parts = [events.decode(line) for line in lines]
+    assert all(isinstance(p, events.Log) and p.level == "error" for p in parts)
+    assert "".join(p.text for p in parts if isinstance(p, events.Log)) == text
+    os.close(read_end)
+    os.close(write_end)
+
+
+def test_a_closed_pipe_is_ignored() -> None:
+    """Once the supervisor's end is gone, sending is a no-op, not an exception."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    writer = events.EventWriter(write_end, index=0)
+    writer.send(events.Serving(index=0, pid=writer.pid))
+    assert writer.broken
+    writer.send(events.Serving(index=0, pid=writer.pid))
+    os.close(write_end)
 
 
 testSuite = pytest_module(__file__)
