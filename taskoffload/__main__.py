@@ -342,6 +342,66 @@ def _sum_or_dash(values: Sequence[Any]) -> Any:
     return sum(values)
 
 
+def _gateway_line(gateway: Mapping[str, Any]) -> str:
+    latency = gateway.get("latency") or {}
+    return (
+        f"Gateway  clients {_cell(gateway.get('clients'))}"
+        f"   in flight {_cell(gateway.get('inflight'))}"
+        f"   requests {_cell(gateway.get('requests'))}"
+        f"   latency p50 {_milliseconds(latency.get('p50_ms'))}"
+        f"  p99 {_milliseconds(latency.get('p99_ms'))}"
+    )
+
+
+def _pool_line(pool: Mapping[str, Any] | None) -> str:
+    if pool is None:
+        return "Pool     unknown"
+    if "workers" not in pool:
+        addresses = ", ".join(pool.get("addresses") or []) or "none"
+        return f"Pool     remote: {addresses}"
+    reloading = "   (reloading)" if pool.get("reloading") else ""
+    return (
+        f"Pool     serving {_cell(pool.get('serving'))}/{_cell(pool.get('count'))}"
+        f"   alive {_cell(pool.get('alive'))}"
+        f"   restarts {_cell(pool.get('restarts'))}"
+        f"   recycled {_cell(pool.get('recycled'))}"
+        f"   reloads {_cell(pool.get('reloads'))}"
+        f"   killed past deadline {_cell(pool.get('killed_past_deadline'))}"
+        f"{reloading}"
+    )
+
+
+def _worker_table(workers: Sequence[Mapping[str, Any]]) -> list[str]:
+    headers = ["worker", "pid", "state", "uptime", "restarts", "recycled", "tasks done", "memory"]
+    rows = [
+        [
+            _cell(w.get("index")),
+            _cell(w.get("pid")),
+            _cell(w.get("state")),
+            format_duration(w.get("uptime")),
+            _cell(w.get("restarts")),
+            _cell(w.get("recycled")),
+            _cell(w.get("tasks_done")),
+            _memory(w.get("rss_mib")),
+        ]
+        for w in workers
+    ]
+    serving = sum(1 for w in workers if w.get("state") == "serving")
+    rows.append(
+        [
+            "total",
+            f"{sum(1 for w in workers if w.get('pid') is not None)} up",
+            f"{serving} serving",
+            "",
+            _cell(_sum_or_dash([w.get("restarts") for w in workers])),
+            _cell(_sum_or_dash([w.get("recycled") for w in workers])),
+            _cell(_sum_or_dash([w.get("tasks_done") for w in workers])),
+            _memory(_sum_or_dash([w.get("rss_mib") for w in workers])),
+        ]
+    )
+    return _table(headers, rows, right={1, 4, 5, 6, 7})
+
+
 def format_status(document: Mapping[str, Any], source: str = "") -> str:
     """
     Render a ``/status`` document as the ``status`` command's table.
@@ -353,72 +413,12 @@ def format_status(document: Mapping[str, Any], source: str = "") -> str:
     :return: the text, ending in a newline.
     """
     gateway = document.get("gateway") or {}
-    latency = gateway.get("latency") or {}
     pool = document.get("pool")
     lines = [f"taskoffload status{f' - {source}' if source else ''}", ""]
-    lines.append(
-        f"Gateway  clients {_cell(gateway.get('clients'))}"
-        f"   in flight {_cell(gateway.get('inflight'))}"
-        f"   requests {_cell(gateway.get('requests'))}"
-        f"   latency p50 {_milliseconds(latency.get('p50_ms'))}"
-        f"  p99 {_milliseconds(latency.get('p99_ms'))}"
-    )
-    workers: list[Mapping[str, Any]] = []
-    if pool is None:
-        lines.append("Pool     unknown")
-    elif "workers" not in pool:
-        addresses = ", ".join(pool.get("addresses") or []) or "none"
-        lines.append(f"Pool     remote: {addresses}")
-    else:
-        workers = pool["workers"]
-        reloading = "   (reloading)" if pool.get("reloading") else ""
-        lines.append(
-            f"Pool     serving {_cell(pool.get('serving'))}/{_cell(pool.get('count'))}"
-            f"   alive {_cell(pool.get('alive'))}"
-            f"   restarts {_cell(pool.get('restarts'))}"
-            f"   recycled {_cell(pool.get('recycled'))}"
-            f"   reloads {_cell(pool.get('reloads'))}"
-            f"   killed past deadline {_cell(pool.get('killed_past_deadline'))}"
-            f"{reloading}"
-        )
+    lines += [_gateway_line(gateway), _pool_line(pool)]
+    workers = pool.get("workers") if pool is not None else None
     if workers:
-        headers = [
-            "worker",
-            "pid",
-            "state",
-            "uptime",
-            "restarts",
-            "recycled",
-            "tasks done",
-            "memory",
-        ]
-        rows = [
-            [
-                _cell(w.get("index")),
-                _cell(w.get("pid")),
-                _cell(w.get("state")),
-                format_duration(w.get("uptime")),
-                _cell(w.get("restarts")),
-                _cell(w.get("recycled")),
-                _cell(w.get("tasks_done")),
-                _memory(w.get("rss_mib")),
-            ]
-            for w in workers
-        ]
-        serving = sum(1 for w in workers if w.get("state") == "serving")
-        rows.append(
-            [
-                "total",
-                f"{sum(1 for w in workers if w.get('pid') is not None)} up",
-                f"{serving} serving",
-                "",
-                _cell(_sum_or_dash([w.get("restarts") for w in workers])),
-                _cell(_sum_or_dash([w.get("recycled") for w in workers])),
-                _cell(_sum_or_dash([w.get("tasks_done") for w in workers])),
-                _memory(_sum_or_dash([w.get("rss_mib") for w in workers])),
-            ]
-        )
-        lines += ["", *_table(headers, rows, right={1, 4, 5, 6, 7})]
+        lines += ["", *_worker_table(workers)]
     by_outcome = gateway.get("by_outcome") or {}
     errors = {name: n for name, n in by_outcome.items() if name != "ok"}
     by_function = gateway.get("by_function") or {}
