@@ -1,5 +1,5 @@
 """
-Smoke tests of ``python -m taskoffload.bench``: every scenario runs at a tiny size
+Smoke tests of ``python -m harness.bench``: every scenario runs at a tiny size
 against real ``twistd`` processes and reports figures that add up.  Speed targets
 are never asserted here (docs/performance.rst has the figures).
 """
@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from taskoffload import bench
+from harness.bench import cli, services
 from tests._trial_bridge import pytest_module
 
 pytestmark = pytest.mark.integration
@@ -25,7 +25,7 @@ TINY_NOOP = ["--count=2", "--clients=1,2", "--duration=0.5", "--warmup=0.1"]
 def run(tmp_path: Path, *args: str) -> dict[str, Any]:
     """Run the bench once with ``args``; :return: its ``--json`` output."""
     out = tmp_path / "figures.json"
-    assert bench.main([*args, "--repeat=1", f"--json={out}"]) == 0
+    assert cli.main([*args, "--repeat=1", f"--json={out}"]) == 0
     report: dict[str, Any] = json.loads(out.read_text())
     assert report["scenario"] == args[0]
     assert len(report["runs"]) == 1
@@ -112,8 +112,8 @@ def test_startup(tmp_path: Path) -> None:
 
 def test_targets_running_services(tmp_path: Path) -> None:
     """--gateway and --pool measure services the bench did not start."""
-    service, url = bench.start_all(
-        bench.build_parser().parse_args(["emails", "--count=2"]), str(tmp_path)
+    service, url = services.start_all(
+        cli.build_parser().parse_args(["emails", "--count=2"]), str(tmp_path)
     )
     try:
         figures = run(tmp_path, "noop-gateway", *TINY_NOOP, f"--gateway={url}")
@@ -124,8 +124,8 @@ def test_targets_running_services(tmp_path: Path) -> None:
         assert "max_tasks_per_worker" not in emails
     finally:
         service.stop()
-    pool, address = bench.start_pool(
-        bench.build_parser().parse_args(["noop-direct", "--count=2"]), str(tmp_path)
+    pool, address = services.start_pool(
+        cli.build_parser().parse_args(["noop-direct", "--count=2"]), str(tmp_path)
     )
     try:
         figures = run(tmp_path, "noop-direct", *TINY_NOOP, f"--pool={address}")

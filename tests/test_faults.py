@@ -1,5 +1,5 @@
 """
-The fault suite's judgement (``taskoffload.faults``), in memory: :func:`problems`
+The fault suite's judgement (``harness.faults``), in memory: :func:`problems`
 names each violation in hand-made counts, the reply matchers compare as
 documented, and the reference model of the protocol gives the documented replies.
 No process is started; ``tests/integration/test_faults.py`` runs the scenarios.
@@ -12,7 +12,9 @@ from typing import Any
 
 import pytest
 
-from taskoffload import faults, wire
+from harness.faults import oracle, report, storm
+from harness.faults.slowloris import slowloris
+from taskoffload import wire
 from taskoffload.registry import SPEC_ATTRIBUTE
 from tests._trial_bridge import pytest_module
 
@@ -78,7 +80,7 @@ def _named(found: list[str], prefix: str) -> bool:
 
 def test_kill_storm_as_documented_has_no_problem() -> None:
     """Counts of a kill storm that went as documented give no problem."""
-    assert faults.problems("kill_storm", _storm()) == []
+    assert report.problems("kill_storm", _storm()) == []
 
 
 STORM_VIOLATIONS = {
@@ -125,15 +127,15 @@ STORM_VIOLATIONS = {
 @pytest.mark.parametrize(("changes", "named"), STORM_VIOLATIONS.values(), ids=STORM_VIOLATIONS)
 def test_kill_storm_violation_is_named(changes: dict[str, Any], named: str) -> None:
     """Each kill-storm violation in the counts is reported, by name and figure."""
-    found = faults.problems("kill_storm", _storm(**changes))
+    found = report.problems("kill_storm", _storm(**changes))
     assert _named(found, named), found
 
 
 def test_kill_storm_prefetch_allows_the_prefetched_loss() -> None:
     """With --prefetch 1 a kill may cost two requests, not three."""
     lost = {"kills": 20, "worker_lost": 40, "results": 60}
-    assert faults.problems("kill_storm", _storm(prefetch=1, **lost)) == []
-    found = faults.problems("kill_storm", _storm(prefetch=1, kills=20, worker_lost=41, results=59))
+    assert report.problems("kill_storm", _storm(prefetch=1, **lost)) == []
+    found = report.problems("kill_storm", _storm(prefetch=1, kills=20, worker_lost=41, results=59))
     assert _named(found, "worker_lost over the documented figure: 41 for 20 kills"), found
 
 
@@ -157,7 +159,7 @@ def test_kill_storm_takes_prefetch_as_a_keyword_only() -> None:
     cost is the prefetch keyword's, so it cannot disagree with the tree's option."""
     for options in (("--prefetch", "1"), ("--prefetch=1",)):
         with pytest.raises(ValueError, match="pass prefetch=N"):
-            faults.kill_storm(1.0, options=options)
+            storm.kill_storm(1.0, options=options)
 
 
 @pytest.mark.parametrize(
@@ -167,14 +169,14 @@ def test_kill_storm_status_disagreement_is_named(status: dict[str, Any] | None, 
     """A /status that disagrees with what the suite sent and received is reported, naming
     the field, what was expected and what it said."""
     document = {} if status is None else {**_storm()["status"], **status}
-    found = faults.problems("kill_storm", _storm(status=document))
+    found = report.problems("kill_storm", _storm(status=document))
     assert _named(found, f"/status disagrees on {named}"), found
 
 
 def test_kill_storm_unreadable_status_is_named_as_such() -> None:
     """A /status that could not be read is reported as that, not as a disagreement."""
     error = "/status could not be read after it: ConnectionRefusedError(111)"
-    found = faults.problems("kill_storm", _storm(status={}, status_error=error))
+    found = report.problems("kill_storm", _storm(status={}, status_error=error))
     assert found == [error]
 
 
@@ -213,7 +215,7 @@ SLOWLORIS_VIOLATIONS = {
 
 def test_slowloris_as_documented_has_no_problem() -> None:
     """Counts of a slowloris run within its bounds give no problem."""
-    assert faults.problems("slowloris", _slowloris()) == []
+    assert report.problems("slowloris", _slowloris()) == []
 
 
 @pytest.mark.parametrize(
@@ -221,14 +223,14 @@ def test_slowloris_as_documented_has_no_problem() -> None:
 )
 def test_slowloris_violation_is_named(changes: dict[str, Any], named: str) -> None:
     """Each slowloris violation is reported by name."""
-    found = faults.problems("slowloris", _slowloris(**changes))
+    found = report.problems("slowloris", _slowloris(**changes))
     assert _named(found, named), found
 
 
 def test_slowloris_limit_is_twice_the_unloaded_p99_plus_the_slack() -> None:
     """The loaded p99 may be 2x the unloaded one + 1 ms (the median over rounds), no more."""
-    assert faults.slowloris.__kwdefaults__["slack_ms"] == 1.0
-    assert faults.slowloris.__kwdefaults__["rounds"] >= 3
+    assert slowloris.__kwdefaults__["slack_ms"] == 1.0
+    assert slowloris.__kwdefaults__["rounds"] >= 3
 
 
 def _crash(via: str, **changes: Any) -> dict[str, Any]:
@@ -271,7 +273,7 @@ CRASH_VIOLATIONS = {
 
 def test_supervisor_crash_as_documented_has_no_problem() -> None:
     """Through the gateway: worker_lost alone and no WebSocket dropped give no problem."""
-    assert faults.problems("supervisor_crash", _crash("gateway")) == []
+    assert report.problems("supervisor_crash", _crash("gateway")) == []
 
 
 @pytest.mark.parametrize(("changes", "named"), CRASH_VIOLATIONS.values(), ids=CRASH_VIOLATIONS)
@@ -280,14 +282,14 @@ def test_supervisor_crash_through_gateway_violation_is_named(
 ) -> None:
     """Through the gateway, any error but worker_lost, a dropped WebSocket, a hang or an
     orphan is reported by name."""
-    found = faults.problems("supervisor_crash", _crash("gateway", **changes))
+    found = report.problems("supervisor_crash", _crash("gateway", **changes))
     assert _named(found, named), found
 
 
 def test_supervisor_crash_direct_clients_may_see_their_connection_break() -> None:
     """Raw worker-port clients see their connection refused or reset: no problem there."""
     errors = {"errors_after_kill": {"connection": 30}}
-    assert faults.problems("supervisor_crash_direct", _crash("direct", **errors)) == []
+    assert report.problems("supervisor_crash_direct", _crash("direct", **errors)) == []
 
 
 def _hostile(**changes: Any) -> dict[str, Any]:
@@ -322,21 +324,21 @@ def _idle(**changes: Any) -> dict[str, Any]:
 
 def test_hostile_and_idle_violations_are_named() -> None:
     """A corpus case not as documented, and an idle client dropped, are reported."""
-    assert faults.problems("hostile", _hostile()) == []
+    assert report.problems("hostile", _hostile()) == []
     hostile = _hostile(problems=1, problem_cases=["gateway, timeout 1e300"])
-    assert faults.problems("hostile", hostile) == ["not as documented: gateway, timeout 1e300"]
-    assert faults.problems("idle_websockets", _idle()) == []
-    assert faults.problems("idle_websockets", _idle(dropped=1)) == ["idle clients dropped: 1"]
+    assert report.problems("hostile", hostile) == ["not as documented: gateway, timeout 1e300"]
+    assert report.problems("idle_websockets", _idle()) == []
+    assert report.problems("idle_websockets", _idle(dropped=1)) == ["idle clients dropped: 1"]
 
 
 @pytest.mark.parametrize("port", ["worker_port", "gateway"])
 def test_hostile_with_too_few_inputs_judged_is_named(port: str) -> None:
     """A reference model that judges fewer than 90 % of the generated inputs (one that
     returned None for all of them judges none) is reported, with the figures."""
-    at_least = faults.problems("hostile", _hostile(**{f"judged_{port}": 90}))
+    at_least = report.problems("hostile", _hostile(**{f"judged_{port}": 90}))
     assert at_least == []
     name = port.replace("_", " ")
-    found = faults.problems("hostile", _hostile(**{f"judged_{port}": 0}))
+    found = report.problems("hostile", _hostile(**{f"judged_{port}": 0}))
     assert found == [
         f"too few generated inputs judged on the {name}: 0 of 100, not at least 90 (90%)"
     ]
@@ -370,13 +372,13 @@ IDLE_VIOLATIONS = {
 def test_idle_violation_is_named(changes: dict[str, Any], named: str) -> None:
     """Each idle-WebSocket violation is reported alone, by name and figure; an unreadable
     /status as that, not as closed clients still counted."""
-    assert faults.problems("idle_websockets", _idle(**changes)) == [named]
+    assert report.problems("idle_websockets", _idle(**changes)) == [named]
 
 
 def test_unknown_scenario_is_refused() -> None:
     """problems() of a scenario it does not know raises instead of finding nothing."""
     with pytest.raises(ValueError, match="no scenario named 'kill-storm'"):
-        faults.problems("kill-storm", {})
+        report.problems("kill-storm", {})
 
 
 # The reply matchers
@@ -384,65 +386,61 @@ def test_unknown_scenario_is_refused() -> None:
 
 def test_result_matches_exactly_as_json() -> None:
     """A result matches only the same JSON value and id: 1 is not 1.0 nor true."""
-    expected = faults._result({"a": [1, 2.5, None]}, 7)
-    assert faults._matches({"id": 7, "result": {"a": [1, 2.5, None]}}, expected)
-    assert not faults._matches({"id": 7, "result": {"a": [1.0, 2.5, None]}}, expected)
-    assert not faults._matches({"id": 7, "result": {"a": [True, 2.5, None]}}, expected)
-    assert not faults._matches({"id": 7.0, "result": {"a": [1, 2.5, None]}}, expected)
-    assert not faults._matches({"id": "7", "result": {"a": [1, 2.5, None]}}, expected)
-    assert not faults._matches({"id": 7, "result": {"a": [1, 2.5]}}, expected)
-    assert not faults._matches({"id": 7, "result": {"a": [1, 2.5, None]}, "x": 1}, expected)
-    assert not faults._matches({"id": 7, "error": {"code": "timeout", "message": ""}}, expected)
+    expected = oracle.expect_result({"a": [1, 2.5, None]}, 7)
+    assert oracle.matches({"id": 7, "result": {"a": [1, 2.5, None]}}, expected)
+    assert not oracle.matches({"id": 7, "result": {"a": [1.0, 2.5, None]}}, expected)
+    assert not oracle.matches({"id": 7, "result": {"a": [True, 2.5, None]}}, expected)
+    assert not oracle.matches({"id": 7.0, "result": {"a": [1, 2.5, None]}}, expected)
+    assert not oracle.matches({"id": "7", "result": {"a": [1, 2.5, None]}}, expected)
+    assert not oracle.matches({"id": 7, "result": {"a": [1, 2.5]}}, expected)
+    assert not oracle.matches({"id": 7, "result": {"a": [1, 2.5, None]}, "x": 1}, expected)
+    assert not oracle.matches({"id": 7, "error": {"code": "timeout", "message": ""}}, expected)
 
 
 def test_error_matches_by_code_and_id() -> None:
     """An expected error matches its code and id, with any message, and nothing else."""
-    expected = faults._error(wire.BAD_REQUEST, None)
-    assert faults._matches({"id": None, "error": {"code": "bad_request", "message": "x"}}, expected)
-    assert not faults._matches(
-        {"id": 1, "error": {"code": "bad_request", "message": "x"}}, expected
-    )
-    assert not faults._matches({"id": None, "error": {"code": "timeout", "message": "x"}}, expected)
-    assert not faults._matches({"id": None, "error": "bad_request"}, expected)
-    assert not faults._matches({"id": None, "result": None}, expected)
+    expected = oracle.expect_error(wire.BAD_REQUEST, None)
+    assert oracle.matches({"id": None, "error": {"code": "bad_request", "message": "x"}}, expected)
+    assert not oracle.matches({"id": 1, "error": {"code": "bad_request", "message": "x"}}, expected)
+    assert not oracle.matches({"id": None, "error": {"code": "timeout", "message": "x"}}, expected)
+    assert not oracle.matches({"id": None, "error": "bad_request"}, expected)
+    assert not oracle.matches({"id": None, "result": None}, expected)
 
 
 def test_task_failed_matches_message_and_type_exactly() -> None:
     """An expected task_failed matches only its exact message and type."""
-    expected = faults._failed("failed on purpose", "TaskRaised", 3)
+    expected = oracle.expect_failed("failed on purpose", "TaskRaised", 3)
     reply = {
         "id": 3,
         "error": {"code": "task_failed", "message": "failed on purpose", "type": "TaskRaised"},
     }
-    assert faults._matches(reply, expected)
-    assert not faults._matches({**reply, "error": {**reply["error"], "message": "other"}}, expected)
-    assert not faults._matches(
-        {**reply, "error": {**reply["error"], "type": "Exception"}}, expected
-    )
+    assert oracle.matches(reply, expected)
+    assert not oracle.matches({**reply, "error": {**reply["error"], "message": "other"}}, expected)
+    assert not oracle.matches({**reply, "error": {**reply["error"], "type": "Exception"}}, expected)
 
 
 def test_result_or_error_matches_either_and_nothing_else() -> None:
     """A result-or-overloaded expectation matches the result or that code only."""
-    expected = faults._result_or(None, wire.OVERLOADED, 4)
-    assert faults._matches({"id": 4, "result": None}, expected)
-    assert faults._matches({"id": 4, "error": {"code": "overloaded", "message": "m"}}, expected)
-    assert not faults._matches({"id": 4, "error": {"code": "task_failed", "message": ""}}, expected)
-    assert not faults._matches({"id": 4, "result": 0}, expected)
+    expected = oracle.expect_result_or(None, wire.OVERLOADED, 4)
+    assert oracle.matches({"id": 4, "result": None}, expected)
+    assert oracle.matches({"id": 4, "error": {"code": "overloaded", "message": "m"}}, expected)
+    assert not oracle.matches({"id": 4, "error": {"code": "task_failed", "message": ""}}, expected)
+    assert not oracle.matches({"id": 4, "result": 0}, expected)
 
 
 def test_session_matches_only_a_session_line() -> None:
     """A session acknowledgement matches a line of only ``session``."""
-    assert faults._matches({"session": {"worker": 1}}, {"session": faults.ANY})
-    assert not faults._matches({"session": {}, "id": None}, {"session": faults.ANY})
+    assert oracle.matches({"session": {"worker": 1}}, {"session": oracle.ANY})
+    assert not oracle.matches({"session": {}, "id": None}, {"session": oracle.ANY})
 
 
 def test_compare_matches_in_any_order_and_names_missing_and_extra() -> None:
     """_compare pairs replies with expectations in any order; it names what is missing and
     what is left over, and a reply counts for one expectation only."""
-    one, two = faults._result(None, 1), faults._result(None, 2)
-    assert faults._compare([{"id": 2, "result": None}, {"id": 1, "result": None}], [one, two]) == []
-    assert faults._compare([{"id": 1, "result": None}], [one, one]) == [f"no reply like {one!r}"]
-    extra = faults._compare([{"id": 1, "result": None}, {"id": 1, "result": None}], [one])
+    one, two = oracle.expect_result(None, 1), oracle.expect_result(None, 2)
+    assert oracle.compare([{"id": 2, "result": None}, {"id": 1, "result": None}], [one, two]) == []
+    assert oracle.compare([{"id": 1, "result": None}], [one, one]) == [f"no reply like {one!r}"]
+    extra = oracle.compare([{"id": 1, "result": None}, {"id": 1, "result": None}], [one])
     assert extra == ["unexpected replies: [{'id': 1, 'result': None}]"]
 
 
@@ -450,29 +448,32 @@ def test_compare_matches_in_any_order_and_names_missing_and_extra() -> None:
 
 
 def _reply(payload: bytes, port: str = "worker") -> list[dict[str, Any]] | None:
-    return faults.documented_reply(payload, port)
+    return oracle.documented_reply(payload, port)
 
 
-BAD = [faults._error(wire.BAD_REQUEST)]
+BAD = [oracle.expect_error(wire.BAD_REQUEST)]
 
 DOCUMENTED = {
     # The examples of docs/protocol.rst.
-    "echo_without_id": (b'{"function":"echo","args":{"a":1}}', [faults._result({"a": 1})]),
-    "unknown": (b'{"id":"x","function":"nope"}', [faults._error(wire.UNKNOWN_FUNCTION, "x")]),
+    "echo_without_id": (b'{"function":"echo","args":{"a":1}}', [oracle.expect_result({"a": 1})]),
+    "unknown": (b'{"id":"x","function":"nope"}', [oracle.expect_error(wire.UNKNOWN_FUNCTION, "x")]),
     "empty": (b"", BAD),
     "blank": (b" \t\r", BAD),
-    "fail": (b'{"id":3,"function":"fail"}', [faults._failed("failed on purpose", "TaskRaised", 3)]),
+    "fail": (
+        b'{"id":3,"function":"fail"}',
+        [oracle.expect_failed("failed on purpose", "TaskRaised", 3)],
+    ),
     "fail_message": (
         b'{"id":3,"function":"fail","args":["no"]}',
-        [faults._failed("no", "TaskRaised", 3)],
+        [oracle.expect_failed("no", "TaskRaised", 3)],
     ),
     "too_many_positional": (
         b'{"id":5,"function":"echo","args":[1],"kwargs":{"b":2}}',
-        [faults._error(wire.BAD_ARGUMENTS, 5)],
+        [oracle.expect_error(wire.BAD_ARGUMENTS, 5)],
     ),
     "unknown_field": (
         b'{"id":6,"function":"echo","method":"x"}',
-        [faults._error(wire.BAD_REQUEST, 6)],
+        [oracle.expect_error(wire.BAD_REQUEST, 6)],
     ),
     # Framing and JSON at the edges.
     "not_json": (b"this is not json", BAD),
@@ -485,57 +486,60 @@ DOCUMENTED = {
     "huge_integer": (b'{"function": "echo", "args": {"x": ' + b"1" * 400 + b"}}", BAD),
     "integer_read_as_float": (
         b'{"id": 18446744073709551616, "function": "noop"}',
-        [faults._result(None, 18446744073709551616.0)],
+        [oracle.expect_result(None, 18446744073709551616.0)],
     ),
     "exact_integer": (
         b'{"id": 18446744073709551615, "function": "noop"}',
-        [faults._result(None, 2**64 - 1)],
+        [oracle.expect_result(None, 2**64 - 1)],
     ),
-    "key_twice": (b'{"id": 1, "id": 2, "function": "noop"}', [faults._result(None, 2)]),
+    "key_twice": (b'{"id": 1, "id": 2, "function": "noop"}', [oracle.expect_result(None, 2)]),
     "bom": (b'\xef\xbb\xbf{"function": "noop"}', BAD),
     "deep": (b"[" * 2000 + b"]" * 2000, BAD),
     # Fields.
     "bool_id": (b'{"id": true, "function": "noop"}', BAD),
     "object_id": (b'{"id": {}, "function": "noop"}', BAD),
-    "no_function": (b'{"id": 1}', [faults._error(wire.BAD_REQUEST, 1)]),
-    "empty_function": (b'{"id": 1, "function": ""}', [faults._error(wire.BAD_REQUEST, 1)]),
+    "no_function": (b'{"id": 1}', [oracle.expect_error(wire.BAD_REQUEST, 1)]),
+    "empty_function": (b'{"id": 1, "function": ""}', [oracle.expect_error(wire.BAD_REQUEST, 1)]),
     "args_string": (
         b'{"id": 1, "function": "echo", "args": "x"}',
-        [faults._error("bad_request", 1)],
+        [oracle.expect_error("bad_request", 1)],
     ),
     "kwargs_list": (
         b'{"id": 1, "function": "echo", "kwargs": []}',
-        [faults._error(wire.BAD_REQUEST, 1)],
+        [oracle.expect_error(wire.BAD_REQUEST, 1)],
     ),
     "keyword_twice": (
         b'{"id": 1, "function": "echo", "args": {"a": 1}, "kwargs": {"a": 2}}',
-        [faults._error(wire.BAD_REQUEST, 1)],
+        [oracle.expect_error(wire.BAD_REQUEST, 1)],
     ),
     "kwargs_added": (
         b'{"id": 1, "function": "echo", "args": {"a": 1}, "kwargs": {"b": 2}}',
-        [faults._result({"a": 1, "b": 2}, 1)],
+        [oracle.expect_result({"a": 1, "b": 2}, 1)],
     ),
     "timeout_zero": (
         b'{"id": 1, "function": "noop", "timeout": 0}',
-        [faults._error("bad_request", 1)],
+        [oracle.expect_error("bad_request", 1)],
     ),
     "timeout_true": (
         b'{"id": 1, "function": "noop", "timeout": true}',
-        [faults._error(wire.BAD_REQUEST, 1)],
+        [oracle.expect_error(wire.BAD_REQUEST, 1)],
     ),
-    "huge_timeout": (b'{"id": 1, "function": "noop", "timeout": 1e300}', [faults._result(None, 1)]),
+    "huge_timeout": (
+        b'{"id": 1, "function": "noop", "timeout": 1e300}',
+        [oracle.expect_result(None, 1)],
+    ),
     "noop_with_args": (
         b'{"id": 1, "function": "noop", "args": {"progress": 1}}',
-        [faults._error(wire.BAD_ARGUMENTS, 1)],
+        [oracle.expect_error(wire.BAD_ARGUMENTS, 1)],
     ),
     "batch_on_worker": (
         b'{"id": 1, "function": "echo", "batch": [{"a": 1}]}',
-        [faults._error(wire.BAD_REQUEST, 1)],
+        [oracle.expect_error(wire.BAD_REQUEST, 1)],
     ),
     "cancel": (b'{"cancel": "nope"}', []),
     "cancel_true": (b'{"cancel": true}', BAD),
     "cancel_with_id": (b'{"cancel": 1, "id": 1}', BAD),
-    "session": (b'{"session": {}}', [{"session": faults.ANY}]),
+    "session": (b'{"session": {}}', [{"session": oracle.ANY}]),
     "bad_session_option": (b'{"session": {"reject_when_busy": 1}}', BAD),
     "auth_without_secret": (b'{"auth": "00"}', []),
 }
@@ -554,15 +558,15 @@ def test_reference_model_of_the_gateway() -> None:
     assert _reply(b'{"session": {}}', "gateway") == BAD
     assert _reply(b'{"auth": "00"}', "gateway") == BAD
     assert _reply(b'{"id": 1, "function": "echo", "batch": [{"a": 1}, [2]]}', "gateway") == [
-        faults._result(
-            [{"result": {"a": 1}}, {"error": {"code": "bad_arguments", "message": faults.ANY}}],
+        oracle.expect_result(
+            [{"result": {"a": 1}}, {"error": {"code": "bad_arguments", "message": oracle.ANY}}],
             1,
         )
     ]
     assert _reply(b'{"id": 1, "function": "echo", "batch": []}', "gateway") == [
-        faults._error(wire.BAD_REQUEST, 1)
+        oracle.expect_error(wire.BAD_REQUEST, 1)
     ]
-    assert _reply(b'{"id": 1, "function": "noop"}', "gateway") == [faults._result(None, 1)]
+    assert _reply(b'{"id": 1, "function": "noop"}', "gateway") == [oracle.expect_result(None, 1)]
 
 
 @pytest.mark.parametrize(
@@ -589,7 +593,7 @@ def test_reference_model_does_not_use_the_product_decoder(monkeypatch: pytest.Mo
     monkeypatch.setattr(wire, "decode_message", broken)
     monkeypatch.setattr(wire, "loads", broken, raising=False)
     assert _reply(b'{"id": 1, "function": "echo", "args": {"a": 1}}') == [
-        faults._result({"a": 1}, 1)
+        oracle.expect_result({"a": 1}, 1)
     ]
 
 
@@ -602,13 +606,13 @@ def test_traced_tasks_append_one_line_per_run(
     """Each run of a traced task appends its token to the trace, which read_trace counts;
     only traced_retry is registered retry=True."""
     trace = tmp_path / "trace"
-    monkeypatch.setenv(faults.TRACE_VARIABLE, str(trace))
-    module = types.ModuleType(faults.TRACED_MODULE)
-    exec(compile(faults._TRACED_SOURCE, faults.TRACED_MODULE, "exec"), module.__dict__)
+    monkeypatch.setenv(storm.TRACE_VARIABLE, str(trace))
+    module = types.ModuleType(storm.TRACED_MODULE)
+    exec(compile(storm._TRACED_SOURCE, storm.TRACED_MODULE, "exec"), module.__dict__)
     assert module.traced_noop("a.1") == "a.1"
     assert module.traced_sleep("a.2", 0) == "a.2"
     assert module.traced_noop("a.1") == "a.1"
-    assert faults.read_trace(trace) == {"a.1": 2, "a.2": 1}
+    assert storm.read_trace(trace) == {"a.1": 2, "a.2": 1}
     retry = {
         name: getattr(module, name).__dict__[SPEC_ATTRIBUTE].retry
         for name in ("traced_noop", "traced_sleep", "traced_retry")

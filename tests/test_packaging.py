@@ -27,7 +27,8 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> zipfile.ZipFile:
         if (REPO / name).exists():
             shutil.copy2(REPO / name, source / name)
     skip = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for name in ("taskoffload", "twisted"):
+    # harness/ too, so that the wheel is seen to leave it out.
+    for name in ("taskoffload", "twisted", "harness"):
         shutil.copytree(REPO / name, source / name, ignore=skip)
     # Files Twisted and the web page leave or add beside the code: the cache must
     # stay out of the wheel, static files must go in.
@@ -67,6 +68,16 @@ def test_wheel_ships_package_and_static_files(wheel: zipfile.ZipFile) -> None:
     assert "taskoffload/static/js/probe.js" in names
     assert not any(n.startswith("tests/") for n in names)
     assert not any("__pycache__" in n for n in names)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_wheel_ships_no_harness(wheel: zipfile.ZipFile) -> None:
+    """The wheel holds neither the harness nor the old bench and fault modules."""
+    names = set(wheel.namelist())
+    assert "taskoffload/bench.py" not in names
+    assert "taskoffload/faults.py" not in names
+    assert not any(n.startswith("harness/") for n in names)
 
 
 @pytest.mark.integration

@@ -15,10 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -30,7 +27,7 @@ import psutil
 import pytest
 from twisted.trial import unittest
 
-from taskoffload.bench import free_port, free_ports
+from harness.processes import TwistdTree, free_port, free_ports
 
 T = TypeVar("T")
 
@@ -72,41 +69,19 @@ async def poll(predicate: Callable[[], T], timeout: float, what: str = "conditio
     return value
 
 
-class Twistd:
-    """One ``twistd -n taskoffload`` process tree."""
+class Twistd(TwistdTree):
+    """
+    One ``twistd -n taskoffload`` process tree (:class:`harness.processes.TwistdTree`)
+    as the integration tests use it: run in ``directory``, logging to
+    ``twistd.log`` there, with psutil's view of its processes, and a stop that
+    fails the test if anything of its process group is left.
+    """
 
     def __init__(self, directory: Path, args: list[str]) -> None:
-        self.directory = directory
-        self.args = args
-        self.log_path = directory / "twistd.log"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Twistd:
-        log = self.log_path.open("wb")
-        twistd = Path(sys.executable).with_name("twistd")
-        command = [str(twistd), "-n", "--pidfile=", "taskoffload", *self.args]
-        self.process = subprocess.Popen(
-            command,
-            cwd=self.directory,  # not the repository: the installed package must be found
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        log.close()
-        return self
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        super().__init__(args, directory, name="twistd")
 
     def wait_for_log(self, text: str, timeout: float = 20.0) -> None:
         def seen() -> bool:
-            assert self.process is not None
             if self.process.poll() is not None:
                 raise AssertionError(f"twistd exited early:\n{self.log()}")
             return text in self.log()
@@ -138,31 +113,14 @@ class Twistd:
         except (psutil.NoSuchProcess, AssertionError):
             return set()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 10.0) -> None:
         """
-        SIGTERM to ``twistd`` alone (it stops its workers), then SIGKILL to whatever
-        of the process group is left after 10 s; wait, bounded, until it is gone.
-
-        (Not SIGTERM to the whole group: a worker that exits before its supervisor
-        took its own SIGTERM is restarted, and could hold the stop.)
+        Stop the tree as :meth:`TwistdTree.stop` does (SIGTERM to ``twistd`` alone,
+        then SIGKILL to the process group), then fail unless the whole group is gone.
         """
-        if self.process is None:
+        if self._process is None:
             return
-        if self.process.poll() is None:
-            try:
-                os.kill(self.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        if self.process.poll() is None:
-            self.process.wait(timeout=5)
+        super().stop(timeout)
         wait_for(lambda: not self.group_processes(), 5.0, what="the process group to end")
 
 

@@ -1,8 +1,8 @@
 """
-The fault suite (``taskoffload.faults``) at CI sizes, on the real ``twistd`` over
-loopback.  ``python -m taskoffload.faults`` runs the same scenarios longer.
+The fault suite (``harness.faults``) at CI sizes, on the real ``twistd`` over
+loopback.  ``python -m harness.faults`` runs the same scenarios longer.
 
-Every scenario is judged by :func:`taskoffload.faults.problems`, the function the
+Every scenario is judged by :func:`harness.faults.report.problems`, the function the
 command line uses too: each test asserts that it finds nothing (and that the
 scenario ran at the size the test names).  Each scenario starts and stops its
 own process trees, in the test's temporary directory, where their logs stay.
@@ -22,14 +22,25 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from taskoffload import faults
+from harness.faults import (
+    clients,
+    crash,
+    exchange,
+    hostile,
+    idle,
+    raw_websocket,
+    report,
+    slowloris,
+    storm,
+)
+from taskoffload.tap import raise_open_files_limit
 from tests.integration.support import IntegrationTestCase, LineClient, wait_for
 
 pytestmark = pytest.mark.slow
 
 
 def _status(port: int) -> dict[str, Any]:
-    document: dict[str, Any] = asyncio.run(faults.http_json(port, "/status"))
+    document: dict[str, Any] = asyncio.run(clients.http_json(port, "/status"))
     return document
 
 
@@ -60,18 +71,18 @@ class KillStormTests(IntegrationTestCase):
         is SIGKILLed every 200 ms for 8 s: no request runs twice, each gets one final reply
         (a result or worker_lost), the pool is whole within 1 s with no backed-off restart,
         and /status agrees."""
-        counts = faults.kill_storm(
+        counts = storm.kill_storm(
             8.0, clients=10, in_flight=4, count=8, seed=5, directory=self.tmp_path
         )
         _report("kill storm", counts)
         assert (counts["clients"], counts["in_flight"], counts["kill_interval_s"]) == (10, 4, 0.2)
-        assert faults.problems("kill_storm", counts) == []
+        assert report.problems("kill_storm", counts) == []
 
     @pytest.mark.timeout(60)
     def test_kill_storm_with_prefetch(self) -> None:
         """The same storm for 4 s with --prefetch 1: no request runs twice, each gets one
         final reply, and a kill costs at most the running and the prefetched request."""
-        counts = faults.kill_storm(
+        counts = storm.kill_storm(
             4.0,
             clients=10,
             in_flight=4,
@@ -82,7 +93,7 @@ class KillStormTests(IntegrationTestCase):
         )
         _report("kill storm --prefetch 1", counts)
         assert (counts["clients"], counts["in_flight"], counts["prefetch"]) == (10, 4, 1)
-        assert faults.problems("kill_storm", counts) == []
+        assert report.problems("kill_storm", counts) == []
 
     @pytest.mark.timeout(60)
     def test_pool_back_within_1s_after_repeated_kills_of_one_slot(self) -> None:
@@ -118,13 +129,13 @@ class SlowlorisTests(IntegrationTestCase):
         through the gateway and on a new worker-port connection per call; every stalled line
         is answered bad_request and closed after --idle-timeout."""
         idle_timeout = 6.0
-        counts = faults.slowloris(
+        counts = slowloris.slowloris(
             500, calls=100, rounds=5, idle_timeout=idle_timeout, directory=self.tmp_path
         )
         _report("slowloris", counts)
         assert counts["loaded_s"] < idle_timeout  # the load was all there while measured
         assert counts["slack_ms"] == 1.0 and counts["rounds"] == 5
-        assert faults.problems("slowloris", counts) == []
+        assert report.problems("slowloris", counts) == []
 
     @pytest.mark.timeout(60)
     def test_silent_connections_neither_block_accepting_nor_outlive_idle_timeout(self) -> None:
@@ -154,9 +165,11 @@ class SlowlorisTests(IntegrationTestCase):
         _, gateway, pool_port = self.role_all(2)
 
         async def burst() -> list[dict[str, Any] | None]:
-            ws = await faults.RawWebSocket.open(gateway)
+            ws = await raw_websocket.RawWebSocket.open(gateway)
             frames = [json.dumps({"id": i, "function": "noop"}).encode() for i in range(1000)]
-            await ws.send_raw(b"".join(faults.ws_frame(faults.OP_TEXT, f) for f in frames))
+            await ws.send_raw(
+                b"".join(raw_websocket.ws_frame(raw_websocket.OP_TEXT, f) for f in frames)
+            )
             replies = [await ws.recv(30) for _ in range(1000)]
             ws.abort()
             return replies
@@ -232,12 +245,12 @@ class HostileInputTests(IntegrationTestCase):
         10 MB lines and frames, thousands of tiny frames, ids of every JSON type, a
         request split at every byte) and 100 generated inputs judged by the reference
         model, on both ports: each gets its documented reply, and no process dies."""
-        counts = faults.hostile(100, seed=0, count=2, directory=self.tmp_path)
+        counts = hostile.hostile(100, seed=0, count=2, directory=self.tmp_path)
         _report("hostile", counts)
         assert counts["worker_port_inputs"] >= 150 and counts["gateway_inputs"] >= 150
         # Generated inputs the reference model answers exactly, on each port.
         assert counts["judged_worker_port"] >= 90 and counts["judged_gateway"] >= 90
-        assert faults.problems("hostile", counts) == []
+        assert report.problems("hostile", counts) == []
 
     @pytest.mark.timeout(60)
     def test_huge_timeout_is_served(self) -> None:
@@ -250,8 +263,10 @@ class HostileInputTests(IntegrationTestCase):
             for timeout in (b"1e300", b"18446744073709551615"):
                 request = b'{"id": 1, "function": "noop", "timeout": ' + timeout + b"}"
                 expected = [{"id": 1, "result": None}]
-                found += await faults.line_exchange(pool_port, request + b"\n", expected)
-                found += await faults.frame_exchange(gateway, faults.text_frame(request), expected)
+                found += await exchange.line_exchange(pool_port, request + b"\n", expected)
+                found += await exchange.frame_exchange(
+                    gateway, exchange.text_frame(request), expected
+                )
             return found
 
         assert asyncio.run(check()) == []
@@ -275,8 +290,8 @@ class HostileInputTests(IntegrationTestCase):
         @given(payload=_INPUTS)
         def check(payload: bytes) -> None:
             async def both() -> tuple[list[str], bool]:
-                found, worker_judged = await faults.check_worker_input(pool_port, payload)
-                found += (await faults.check_gateway_input(gateway, payload))[0]
+                found, worker_judged = await exchange.check_worker_input(pool_port, payload)
+                found += (await exchange.check_gateway_input(gateway, payload))[0]
                 return found, worker_judged
 
             found, worker_judged = asyncio.run(both())
@@ -298,11 +313,11 @@ class SupervisorCrashTests(IntegrationTestCase):
         """SIGKILL of a pool's supervisor while 5 raw worker-port clients call: they get
         errors and nothing hangs, no process of the pool survives 5 s, and a pool restarted
         on the same port serves again."""
-        counts = faults.supervisor_crash(
+        counts = crash.supervisor_crash(
             1.5, via="direct", orphan_limit=5.0, directory=self.tmp_path
         )
         _report("supervisor crash (direct)", counts)
-        assert faults.problems("supervisor_crash_direct", counts) == []
+        assert report.problems("supervisor_crash_direct", counts) == []
 
     @pytest.mark.timeout(60)
     def test_supervisor_crash_under_gateway_load(self) -> None:
@@ -310,11 +325,11 @@ class SupervisorCrashTests(IntegrationTestCase):
         they get worker_lost and nothing else, no WebSocket is dropped, nothing hangs, no
         process of the pool survives 5 s, and a pool restarted on the same port serves
         through the same gateway."""
-        counts = faults.supervisor_crash(
+        counts = crash.supervisor_crash(
             1.5, via="gateway", orphan_limit=5.0, directory=self.tmp_path
         )
         _report("supervisor crash (gateway)", counts)
-        assert faults.problems("supervisor_crash", counts) == []
+        assert report.problems("supervisor_crash", counts) == []
 
 
 class IdleWebSocketTests(IntegrationTestCase):
@@ -324,9 +339,9 @@ class IdleWebSocketTests(IntegrationTestCase):
     def test_gateway_holds_5000_idle_websockets(self) -> None:
         """5000 idle WebSocket clients on the gateway: all stay open, /status counts them,
         and a normal client's noops are answered."""
-        limit, _ = faults.raise_open_files_limit()
+        limit, _ = raise_open_files_limit()
         assert limit >= 5500, f"5000 connections need an open-files limit above 5500, not {limit}"
-        counts = faults.idle_websockets(5000, count=2, hold=1.0, directory=self.tmp_path)
+        counts = idle.idle_websockets(5000, count=2, hold=1.0, directory=self.tmp_path)
         _report("idle websockets", counts)
         assert counts["n"] == 5000 and counts["noop_ok"] == 20
-        assert faults.problems("idle_websockets", counts) == []
+        assert report.problems("idle_websockets", counts) == []

@@ -1,0 +1,7 @@
+"""``python -m harness.faults``: run the fault suite."""
+
+import sys
+
+from harness.faults.report import main
+
+sys.exit(main())
