@@ -1,39 +1,50 @@
 """
 The task server that runs inside each worker process: a line protocol that decodes
-requests, runs registered tasks and writes one final reply per request, and the
-acceptor that takes connections from the shared listening socket one at a time.
+requests, checks the connection's answer to its challenge, runs each request's
+task through a :class:`~taskoffload.running.TaskRunner` and writes one final reply
+per request, and the factory that counts the process's work across connections.
+
+(:class:`~taskoffload.acceptor.SharedSocketAcceptor`, which takes connections from
+the shared listening socket, and the deadline seam of :mod:`taskoffload.running`
+are importable from here too.)
 """
 
 from __future__ import annotations
 
-import errno
 import hmac
 import os
-import socket
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import attrs
 from twisted.internet import defer
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError
-from twisted.internet.interfaces import (
-    IDelayedCall,
-    IHalfCloseableProtocol,
-    IReactorTime,
-    IReadDescriptor,
-)
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IReactorTime
 from twisted.internet.protocol import Factory
-from twisted.logger import Logger, LogLevel
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
-from zope.interface import Interface, implementer
+from zope.interface import implementer
 
 from taskoffload import wire
 from taskoffload._transport import write_now
-from taskoffload.defaults import IDLE_TIMEOUT
-from taskoffload.registry import PROGRESS_PARAMETER, TaskRegistry
+from taskoffload.acceptor import SharedSocketAcceptor
+from taskoffload.registry import TaskRegistry
+from taskoffload.running import DeadlineExceeded, ISyncDeadlines, TaskRunner, final_reply
+from taskoffload.settings import WorkerSettings, WorkerSettingsFields
 
-__all__ = ["SharedSocketAcceptor", "TaskServerFactory", "TaskServerProtocol"]
+if TYPE_CHECKING:
+    # typing.Unpack is new in Python 3.11; this package still runs on 3.10.
+    from typing_extensions import Unpack
+
+__all__ = [
+    "DeadlineExceeded",
+    "ISyncDeadlines",
+    "SharedSocketAcceptor",
+    "TaskServerFactory",
+    "TaskServerProtocol",
+    "WorkerSettings",
+]
 
 #: Seconds a TaskClient connection counts as busy after its session line while its
 #: first request is on its way, so that a burst of connections spreads over idle workers.
@@ -82,8 +93,8 @@ class TaskServerProtocol(LineReceiver):
     # LineReceiver / IProtocol
 
     def connectionMade(self) -> None:
-        self.MAX_LENGTH = self.factory.max_message
-        secret = self.factory.secret
+        self.MAX_LENGTH = self.factory.settings.max_message
+        secret = self.factory.settings.secret
         if secret is not None:
             self._nonce = os.urandom(16).hex()
             self._send(wire.encode_challenge(wire.Challenge(nonce=self._nonce)))
@@ -93,7 +104,7 @@ class TaskServerProtocol(LineReceiver):
         # The first line, too, must come within idle_timeout: a silent connection
         # is closed like a stalled one.
         self._partial = self.factory.clock.callLater(
-            self.factory.idle_timeout, self._partial_timed_out
+            self.factory.settings.idle_timeout, self._partial_timed_out
         )
         self.factory.connection_opened(self)
 
@@ -109,7 +120,7 @@ class TaskServerProtocol(LineReceiver):
         if self._buffer and not self._closing:  # LineReceiver's unfinished line
             if self._partial is None:
                 self._partial = self.factory.clock.callLater(
-                    self.factory.idle_timeout, self._partial_timed_out
+                    self.factory.settings.idle_timeout, self._partial_timed_out
                 )
         elif self._partial is not None:
             self._partial.cancel()
@@ -119,7 +130,7 @@ class TaskServerProtocol(LineReceiver):
         self._partial = None
         self._refuse(
             wire.BAD_REQUEST,
-            f"incomplete message: no newline within {self.factory.idle_timeout:g} s",
+            f"incomplete message: no newline within {self.factory.settings.idle_timeout:g} s",
         )
 
     def _refuse(self, code: str, message: str) -> None:
@@ -147,7 +158,7 @@ class TaskServerProtocol(LineReceiver):
             return
         if self._nonce is not None:
             # A shared secret guards this port: nothing runs before the answer.
-            secret = self.factory.secret
+            secret = self.factory.settings.secret
             assert secret is not None
             if isinstance(message, wire.Auth) and hmac.compare_digest(
                 message.digest, wire.auth_digest(secret, self._nonce)
@@ -281,22 +292,11 @@ class TaskServerProtocol(LineReceiver):
         job.done = True
         if self._running is job:
             self._running = None
-        if isinstance(outcome, Failure) and outcome.check(CancelledError):
-            # CancelledError has no message, and ``type`` is for task_failed only.
-            outcome = wire.ErrorReply(
-                id=job.request.id, code=wire.CANCELLED, message="cancelled while it ran"
-            )
-        elif isinstance(outcome, Failure):
-            outcome = wire.ErrorReply(
-                id=job.request.id,
-                code=wire.TASK_FAILED,
-                message=outcome.getErrorMessage(),
-                type=outcome.type.__name__ if outcome.type else None,
-            )
+        reply = final_reply(job.request.id, outcome)
         if not self._closing:
             # The final reply goes out now, not after the next poll: the client is
             # waiting for it to send this worker more work.
-            write_now(self.transport, wire.encode_reply(outcome))
+            write_now(self.transport, wire.encode_reply(reply))
         self.factory.state_changed()
         self._next()
         self._close_if_done()
@@ -345,76 +345,63 @@ class TaskServerProtocol(LineReceiver):
 
 class TaskServerFactory(Factory):
     """
-    Builds :class:`TaskServerProtocol` and runs tasks for all connections of one
-    worker process.
+    Builds :class:`TaskServerProtocol` for all connections of one worker process,
+    keeps count of their work (capacity, draining, stopping) and runs their
+    requests through one :class:`~taskoffload.running.TaskRunner`.
 
     :param registry: the tasks that may run.
     :param clock: for deadlines and reservations.
-    :param concurrency: how many connections may have work at once before the
-        process stops taking new connections (see :attr:`has_capacity`).
-    :param max_message: longest accepted line, in bytes.
-    :param capacity_changed: called with ``True`` when the process can take a new
-        connection and ``False`` when it is at its limit.
-    :param worker_id: how the worker names itself to clients (its process id).
-    :param idle_timeout: seconds within which a started line must be finished.
-    :param after_task: called after each task's final reply is written (the
-        worker process uses it to decide when to recycle itself).
-    :param task_timeout: the deadline of tasks whose request and registration
-        give none.
+    :param settings: how connections are served; the defaults if not given.
     :param sync_deadlines: interrupts synchronous tasks at their deadline; without
         it only Deferred-returning tasks are held to one.
-    :param pool_slots: how many tasks the whole pool runs at once, told to clients
-        so they open no more connections than that.
-    :param secret: if set, every connection must answer an HMAC challenge with it
-        before any request is read.
+    :param capacity_changed: called with ``True`` when the process can take a new
+        connection and ``False`` when it is at its limit.
+    :param after_task: called after each task's final reply is written (the
+        worker process uses it to decide when to recycle itself).
+    :param overrides: fields of ``settings`` to replace, as keywords (a test's
+        shorthand for a changed copy of the settings).
     """
 
     protocol = TaskServerProtocol  # type: ignore[assignment]  # a Protocol subclass, as Twisted expects
-    log = Logger()
 
     def __init__(
         self,
         registry: TaskRegistry,
         clock: IReactorTime,
-        concurrency: int = 1,
-        max_message: int = wire.DEFAULT_MAX_MESSAGE,
-        capacity_changed: Callable[[bool], None] | None = None,
-        worker_id: int | None = None,
-        idle_timeout: float = IDLE_TIMEOUT,
-        after_task: Callable[[], None] | None = None,
-        task_timeout: float | None = None,
+        settings: WorkerSettings | None = None,
+        *,
         sync_deadlines: ISyncDeadlines | None = None,
-        pool_slots: int | None = None,
-        secret: bytes | None = None,
+        capacity_changed: Callable[[bool], None] | None = None,
+        after_task: Callable[[], None] | None = None,
+        **overrides: Unpack[WorkerSettingsFields],
     ) -> None:
-        self.secret = secret
-        self.task_timeout = task_timeout
-        self._sync_deadlines = sync_deadlines
-        self.idle_timeout = idle_timeout
+        settings = attrs.evolve(settings if settings is not None else WorkerSettings(), **overrides)
+        self.settings = settings
+        self.runner = TaskRunner(
+            registry, clock, task_timeout=settings.task_timeout, sync_deadlines=sync_deadlines
+        )
         self._after_task = after_task
-        self.registry = registry
-        self.worker_id = worker_id
         #: Set by :meth:`begin_stop`.
         self.stopping = False
         retry = tuple(sorted(name for name, spec in registry.tasks.items() if spec.retry))
         #: The reply to a session line, the same for every connection.
         self.session_ack = wire.encode_session_ack(
             wire.SessionAck(
-                worker=worker_id, retry=retry, slots=pool_slots, concurrency=concurrency
+                worker=settings.worker_id,
+                retry=retry,
+                slots=settings.pool_slots,
+                concurrency=settings.concurrency,
             )
         )
         self.clock = clock
-        self.concurrency = concurrency
-        self.max_message = max_message
         self.connections: set[TaskServerProtocol] = set()
-        self.tasks_done = 0
         self._capacity_changed = capacity_changed
         self._had_capacity = True
         self._drained: list[Deferred[None]] = []
         self._closed: list[Deferred[None]] = []
         # Connections are gated by capacity, but an idle connection may bring work
         # while others run; the semaphore keeps ``concurrency`` a hard bound.
-        self._slots = defer.DeferredSemaphore(concurrency)
+        self._slots = defer.DeferredSemaphore(settings.concurrency)
 
     @property
     def busy_connections(self) -> int:
@@ -424,12 +411,12 @@ class TaskServerFactory(Factory):
     @property
     def has_capacity(self) -> bool:
         """Fewer than ``concurrency`` connections are busy."""
-        return self.busy_connections < self.concurrency
+        return self.busy_connections < self.settings.concurrency
 
     @property
     def at_limit(self) -> bool:
         """As many connections have work as ``concurrency`` allows."""
-        return self.running >= self.concurrency
+        return self.running >= self.settings.concurrency
 
     @property
     def running(self) -> int:
@@ -503,199 +490,18 @@ class TaskServerFactory(Factory):
             connection.close()
         return d
 
+    @property
+    def tasks_done(self) -> int:
+        """How many tasks have ended, however they ended."""
+        return self.runner.tasks_done
+
     def run(
         self, request: wire.Request, progress: Callable[[Any], None]
     ) -> Deferred[wire.Result | wire.ErrorReply]:
         """
-        Run one request's task.
+        Run one request's task once fewer than ``concurrency`` tasks run.
 
         :return: a Deferred firing with the final reply; it fails with
             :class:`CancelledError` if cancelled.
         """
-        try:
-            spec = self.registry.lookup(request.function)
-            bound = spec.bind(request.args, request.kwargs)
-        except wire.BadMessage as e:
-            return defer.succeed(wire.ErrorReply(id=request.id, code=e.code, message=e.message))
-        if spec.wants_progress:
-            bound.arguments[PROGRESS_PARAMETER] = progress
-        timeout = request.timeout if request.timeout is not None else spec.timeout
-        if timeout is None:
-            timeout = self.task_timeout
-        sync_deadlines = self._sync_deadlines
-
-        def start() -> Deferred[Any]:
-            # The deadline counts from here, once the task has a slot: time spent
-            # waiting for one (behind another connection's task) does not count.
-            begun = self.clock.seconds()
-            if timeout is None or sync_deadlines is None:
-                started = defer.maybeDeferred(spec.function, *bound.args, **bound.kwargs)
-            else:
-                sync_deadlines.arm(timeout)
-                try:
-                    started = defer.maybeDeferred(spec.function, *bound.args, **bound.kwargs)
-                finally:
-                    sync_deadlines.disarm()
-            started.addCallback(_await_coroutine)
-            if timeout is not None:
-                # What the synchronous part took counts toward the deadline.
-                left = max(begun + timeout - self.clock.seconds(), 0.001)
-                started.addTimeout(left, self.clock)
-            return started
-
-        d = self._slots.run(start)
-
-        def succeeded(value: Any) -> wire.Result:
-            self.tasks_done += 1
-            return wire.Result(id=request.id, result=value)
-
-        def failed(failure: Failure) -> wire.ErrorReply | Failure:
-            self.tasks_done += 1
-            if failure.check(CancelledError):
-                return failure
-            if failure.check(TimeoutError, DeadlineExceeded):
-                return wire.ErrorReply(
-                    id=request.id,
-                    code=wire.TIMEOUT,
-                    message=f"{request.function} did not finish within {timeout} s",
-                )
-            self.log.failure(
-                "Task {function} (request {request_id}) failed",
-                failure,
-                level=LogLevel.warn,
-                function=request.function,
-                request_id=request.id,
-            )
-            return wire.ErrorReply(
-                id=request.id,
-                code=wire.TASK_FAILED,
-                message=failure.getErrorMessage(),
-                type=failure.type.__name__ if failure.type else None,
-            )
-
-        d.addCallbacks(succeeded, failed)
-        return d
-
-
-class DeadlineExceeded(Exception):
-    """Raised inside a synchronous task that runs past its deadline."""
-
-
-class ISyncDeadlines(Interface):
-    """Bounds the synchronous part of a task, which no Deferred timeout can interrupt."""
-
-    def arm(seconds: float) -> None:
-        """Make the running code raise :class:`DeadlineExceeded` in ``seconds``."""
-
-    def disarm() -> None:
-        """The synchronous part returned: cancel what :meth:`arm` set."""
-
-
-def _await_coroutine(value: Any) -> Any:
-    if hasattr(value, "__await__") and hasattr(value, "send"):
-        return Deferred.fromCoroutine(value)
-    return value
-
-
-@implementer(IReadDescriptor)
-class SharedSocketAcceptor:
-    """
-    Take connections from a listening socket shared with other processes, one per
-    wake-up, and only while the factory has capacity.
-
-    Twisted's own port accepts up to a hundred connections per wake-up, so one
-    process would grab a whole burst; accepting one at a time leaves the rest in
-    the shared queue for idle processes.
-
-    :param reactor: provides ``addReader``/``removeReader`` and
-        ``adoptStreamConnection``.
-    :param listening: the shared listening socket (non-blocking).
-    """
-
-    log = Logger()
-
-    def __init__(self, reactor: Any, listening: socket.socket, factory: TaskServerFactory) -> None:
-        self._reactor = reactor
-        self._socket = listening
-        self._family = listening.family
-        self._factory = factory
-        self._reading = False
-        self._stopped = False
-        self._retry: IDelayedCall | None = None
-        self.accepted = 0
-
-    def set_capacity(self, has_capacity: bool) -> None:
-        """Start or stop reading as the factory gains or loses capacity."""
-        if has_capacity:
-            self.resume()
-        else:
-            self.pause()
-
-    def resume(self) -> None:
-        """Take connections again."""
-        if not self._reading and not self._stopped and self._retry is None:
-            self._reading = True
-            self._reactor.addReader(self)
-
-    def pause(self) -> None:
-        """Take no connection until :meth:`resume`."""
-        if self._reading:
-            self._reading = False
-            self._reactor.removeReader(self)
-
-    def stop(self) -> None:
-        """Take no more connections, ever, and close this process's copy of the socket."""
-        self.pause()
-        self._stopped = True
-        if self._retry is not None:
-            self._retry.cancel()
-            self._retry = None
-        self._socket.close()
-
-    def fileno(self) -> int:
-        return self._socket.fileno()
-
-    def logPrefix(self) -> str:
-        return "SharedSocketAcceptor"
-
-    def connectionLost(self, reason: Failure) -> None:
-        self._reading = False
-
-    def doRead(self) -> None:
-        try:
-            connection, _ = self._socket.accept()
-        except (BlockingIOError, InterruptedError):
-            return  # another process took it
-        except OSError as e:
-            if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                # Out of descriptors or memory: back off instead of spinning.
-                self.log.warn("accept() failed: {error}; pausing for 1 s", error=e)
-                self.pause()
-                self._retry = self._reactor.callLater(1.0, self._retry_accept)
-                return
-            if e.errno == errno.ECONNABORTED:
-                return
-            if e.errno == errno.EINVAL:
-                # The supervisor shut the socket down: the pool is stopping.
-                self.pause()
-                return
-            raise
-        try:
-            connection.setblocking(False)
-            if self._family in (socket.AF_INET, socket.AF_INET6):
-                connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._reactor.adoptStreamConnection(connection.fileno(), self._family, self._factory)
-            self.accepted += 1
-        except OSError as e:
-            # Adopting duplicates the descriptor, which can fail as accept can.
-            self.log.warn("Could not adopt a connection: {error}; pausing for 1 s", error=e)
-            self.pause()
-            self._retry = self._reactor.callLater(1.0, self._retry_accept)
-        finally:
-            # adoptStreamConnection took its own duplicate of the descriptor.
-            connection.close()
-
-    def _retry_accept(self) -> None:
-        self._retry = None
-        if self._factory.has_capacity:
-            self.resume()
+        return self.runner.run(request, progress, slots=self._slots)

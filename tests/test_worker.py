@@ -1,16 +1,12 @@
 """
 Unit tests for :mod:`taskoffload.worker`: a ``TaskServerFactory`` over small test
 tasks and a ``Clock``, each connection a protocol on a ``StringTransport`` that the
-tests write request lines into and read reply lines from; and the
-``SharedSocketAcceptor`` over a real loopback listening socket and a fake reactor.
+tests write request lines into and read reply lines from.  (The acceptor's tests
+are in ``test_acceptor.py``, the runner's in ``test_running.py``.)
 """
 
 from __future__ import annotations
 
-import errno
-import select
-import socket
-from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -26,11 +22,11 @@ from zope.interface.verify import verifyObject
 
 from taskoffload import wire
 from taskoffload.registry import TaskRegistry, load_tasks, task
+from taskoffload.settings import WorkerSettings
 from taskoffload.worker import (
     RESERVATION_SECONDS,
     DeadlineExceeded,
     ISyncDeadlines,
-    SharedSocketAcceptor,
     TaskServerFactory,
     TaskServerProtocol,
 )
@@ -124,8 +120,7 @@ class Server:
         self.factory = TaskServerFactory(
             self.tasks.registry(),
             self.clock,
-            concurrency=concurrency,
-            max_message=max_message,
+            WorkerSettings(concurrency=concurrency, max_message=max_message),
             capacity_changed=self.capacity.append,
         )
 
@@ -691,174 +686,6 @@ def test_close_all_without_connections(server: Server) -> None:
     assert fired(server.factory.close_all())
 
 
-# SharedSocketAcceptor
-
-
-class FakeReactor(Clock):
-    """Records the acceptor's reader registrations and adopted connections."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.readers: list[Any] = []
-        self.registrations: list[str] = []
-        self.adopted: list[dict[str, Any]] = []
-
-    def addReader(self, reader: Any) -> None:
-        self.registrations.append("addReader")
-        self.readers.append(reader)
-
-    def removeReader(self, reader: Any) -> None:
-        self.registrations.append("removeReader")
-        self.readers.remove(reader)
-
-    def adoptStreamConnection(self, fd: int, family: int, factory: Any) -> None:
-        # The acceptor closes its copy afterwards, as the real reactor dups it.
-        with socket.socket(fileno=socket.dup(fd)) as adopted:
-            self.adopted.append(
-                {
-                    "peer": adopted.getpeername(),
-                    "family": family,
-                    "factory": factory,
-                    "nodelay": adopted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY),
-                }
-            )
-
-
-@pytest.fixture
-def listening() -> Iterator[socket.socket]:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(16)
-    sock.setblocking(False)
-    yield sock
-    sock.close()
-
-
-@pytest.fixture
-def clients() -> Iterator[list[socket.socket]]:
-    opened: list[socket.socket] = []
-    yield opened
-    for sock in opened:
-        sock.close()
-
-
-def connect_clients(
-    listening: socket.socket, clients: list[socket.socket], count: int
-) -> list[Any]:
-    """Connect ``count`` clients and wait until a connection is ready to accept."""
-    for _ in range(count):
-        client = socket.create_connection(listening.getsockname(), timeout=5)
-        clients.append(client)
-    readable, _, _ = select.select([listening], [], [], 5.0)
-    assert readable, "no connection became ready to accept within 5 s"
-    return [c.getsockname() for c in clients]
-
-
-def make_acceptor(listening: socket.socket) -> tuple[SharedSocketAcceptor, FakeReactor]:
-    reactor = FakeReactor()
-    factory = TaskServerFactory(Tasks().registry(), reactor)
-    return SharedSocketAcceptor(reactor, listening, factory), reactor
-
-
-def test_accepts_one_connection_per_read(
-    listening: socket.socket, clients: list[socket.socket]
-) -> None:
-    """Each wake-up accepts exactly one pending connection and leaves the rest queued."""
-    acceptor, reactor = make_acceptor(listening)
-    addresses = connect_clients(listening, clients, 3)
-    acceptor.doRead()
-    assert len(reactor.adopted) == 1
-    acceptor.doRead()
-    acceptor.doRead()
-    assert sorted(a["peer"] for a in reactor.adopted) == sorted(addresses)
-    assert acceptor.accepted == 3
-
-
-def test_adopts_into_factory_with_nodelay(
-    listening: socket.socket, clients: list[socket.socket]
-) -> None:
-    """An accepted TCP connection is handed to the task factory with Nagle off."""
-    acceptor, reactor = make_acceptor(listening)
-    connect_clients(listening, clients, 1)
-    acceptor.doRead()
-    [adopted] = reactor.adopted
-    assert adopted["family"] == socket.AF_INET
-    assert adopted["factory"] is acceptor._factory
-    assert adopted["nodelay"]
-
-
-def test_read_with_nothing_pending(listening: socket.socket) -> None:
-    """A wake-up with no connection pending (another process took it) does nothing."""
-    acceptor, reactor = make_acceptor(listening)
-    acceptor.resume()
-    acceptor.doRead()
-    assert reactor.adopted == []
-    assert reactor.registrations == ["addReader"]
-
-
-def test_capacity_pauses_and_resumes(listening: socket.socket) -> None:
-    """Losing capacity stops reading the socket; regaining it starts again, once each."""
-    acceptor, reactor = make_acceptor(listening)
-    acceptor.set_capacity(True)
-    acceptor.set_capacity(True)
-    assert reactor.readers == [acceptor]
-    acceptor.set_capacity(False)
-    acceptor.set_capacity(False)
-    assert reactor.readers == []
-    acceptor.set_capacity(True)
-    assert reactor.readers == [acceptor]
-    assert reactor.registrations == ["addReader", "removeReader", "addReader"]
-
-
-def test_stop(listening: socket.socket) -> None:
-    """After ``stop()`` the acceptor stops reading, closes its socket and never resumes."""
-    acceptor, reactor = make_acceptor(listening)
-    acceptor.resume()
-    acceptor.stop()
-    acceptor.set_capacity(True)
-    assert reactor.readers == []
-    assert listening.fileno() == -1
-
-
-class ExhaustedSocket:
-    """A listening socket whose ``accept()`` fails as when out of descriptors."""
-
-    family = socket.AF_INET
-
-    def __init__(self, error: int) -> None:
-        self.error = error
-
-    def accept(self) -> Any:
-        raise OSError(self.error, "accept failed")
-
-
-def test_out_of_descriptors_backs_off() -> None:
-    """Out of descriptors, the acceptor pauses 1 s instead of spinning."""
-    reactor = FakeReactor()
-    factory = TaskServerFactory(Tasks().registry(), reactor)
-    acceptor = SharedSocketAcceptor(reactor, ExhaustedSocket(errno.EMFILE), factory)  # type: ignore[arg-type]  # a fake socket
-    acceptor.resume()
-    with capturedLogs() as events:
-        acceptor.doRead()
-    assert reactor.readers == []
-    assert any("pausing" in e["log_format"] for e in events)
-    acceptor.set_capacity(True)
-    assert reactor.readers == []
-    reactor.advance(1.0)
-    assert reactor.readers == [acceptor]
-
-
-def test_aborted_connection_ignored() -> None:
-    """A connection aborted before it was accepted is skipped; reading goes on."""
-    reactor = FakeReactor()
-    factory = TaskServerFactory(Tasks().registry(), reactor)
-    acceptor = SharedSocketAcceptor(reactor, ExhaustedSocket(errno.ECONNABORTED), factory)  # type: ignore[arg-type]  # a fake socket
-    acceptor.resume()
-    acceptor.doRead()
-    assert reactor.readers == [acceptor]
-    assert reactor.adopted == []
-
-
 def test_session_ack_names_retryable_tasks() -> None:
     """The session acknowledgement names the worker and its ``retry=True`` tasks."""
     from taskoffload.registry import TaskRegistry, task
@@ -1246,4 +1073,41 @@ def test_session_request_gives_the_reservation_back_at_once(server: Server) -> N
 
 
 # trial finds no TestCase here: it runs this module through pytest instead.
+
+
+# What the factory is built from
+
+
+def test_keyword_overrides_replace_fields_of_the_settings() -> None:
+    """Settings given as keywords replace those fields of ``settings`` and keep the rest."""
+    base = WorkerSettings(concurrency=3, idle_timeout=7.0)
+    factory = TaskServerFactory(TaskRegistry.from_functions([]), Clock(), base, worker_id=9)
+    assert factory.settings == WorkerSettings(concurrency=3, idle_timeout=7.0, worker_id=9)
+
+
+def test_task_timeout_setting_holds_tasks_that_give_none() -> None:
+    """The settings' ``task_timeout`` is the deadline of a request and task that give none."""
+    tasks, clock = Tasks(), Clock()
+    factory = TaskServerFactory(tasks.registry(), clock, WorkerSettings(task_timeout=4.0))
+    connection = Connection(factory)
+    connection.call("wait", 3)
+    clock.advance(3.9)
+    assert connection.replies() == []
+    clock.advance(0.1)
+    [reply] = connection.replies()
+    assert error_of(reply) == (3, wire.TIMEOUT)
+    assert "4.0 s" in reply["error"]["message"]
+
+
+def test_old_import_path_still_names_the_moved_classes() -> None:
+    """``taskoffload.worker`` still exports the acceptor and the deadline seam."""
+    from taskoffload import acceptor, running, worker
+
+    assert worker.SharedSocketAcceptor is acceptor.SharedSocketAcceptor
+    assert (worker.DeadlineExceeded, worker.ISyncDeadlines) == (
+        running.DeadlineExceeded,
+        running.ISyncDeadlines,
+    )
+
+
 testSuite = pytest_module(__file__)
