@@ -1,15 +1,15 @@
 """
 Unit tests for :mod:`taskoffload.supervisor`, without spawning anything: the
-service runs on a ``MemoryReactorClock``, its worker slots are set up by hand, and
-a fork-server protocol on a ``StringTransport`` stands in for the fork server.  The
-tests feed it the fork server's event lines and read back the commands it writes.
+service runs on a ``MemoryReactorClock``, its worker slots are set up by hand, a
+fork-server protocol on a ``StringTransport`` stands in for the fork server, and a
+``FakeProcessControl`` records the signals sent.  The tests feed it the fork
+server's event lines and read back the commands it writes.
 """
 
 from __future__ import annotations
 
 import signal
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -18,39 +18,21 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ProcessDone
 from twisted.internet.protocol import Factory
-from twisted.internet.testing import MemoryReactor, MemoryReactorClock, StringTransport
+from twisted.internet.testing import MemoryReactor, MemoryReactorClock
 from twisted.logger import LogEvent, LogLevel, capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
-from taskoffload import supervisor
-from taskoffload.supervisor import (
-    MAX_RESTART_DELAY,
-    PoolConfig,
-    WorkerPoolService,
-    WorkerRecord,
-    _ForkServerProtocol,
-    _with_backlog,
-)
+from taskoffload import slots
+from taskoffload.forkserver_client import ForkServerProtocol
+from taskoffload.slots import MAX_RESTART_DELAY
+from taskoffload.supervisor import PoolConfig, WorkerPoolService, _with_backlog
 from tests._trial_bridge import pytest_module
+from tests.fake_processes import FakeProcessControl, ProcessStringTransport
 
 #: A moment, exact in binary floating point so that clock sums stay exact.
 EPSILON = 1 / 64
-
-
-class ProcessStringTransport(StringTransport):
-    """A ``StringTransport`` that records what a process transport is asked to do."""
-
-    stdin_closed = False
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.signals: list[str] = []
-
-    def closeStdin(self) -> None:
-        self.stdin_closed = True
-
-    def signalProcess(self, signal_name: str) -> None:
-        self.signals.append(signal_name)
+#: The stand-in fork server's pid, in the events it sends about itself.
+FORK_SERVER_PID = 50
 
 
 class Pool:
@@ -58,12 +40,16 @@ class Pool:
 
     def __init__(self, count: int = 2, **config: Any) -> None:
         self.reactor = MemoryReactorClock()
-        self.service = WorkerPoolService(PoolConfig(count=count, **config), reactor=self.reactor)
-        self.service.workers = {i: WorkerRecord(index=i) for i in range(count)}
-        self.fork_server = _ForkServerProtocol(self.service)
+        #: The signals the supervisor sends, recorded instead of sent.
+        self.processes = FakeProcessControl()
+        self.service = WorkerPoolService(
+            PoolConfig(count=count, **config), reactor=self.reactor, processes=self.processes
+        )
+        self.service.workers = self.service._new_slots()
+        self.fork_server = ForkServerProtocol(self.service._fork_servers)
         self.transport = ProcessStringTransport()
         self.fork_server.transport = self.transport
-        self.service._fork_server = self.fork_server
+        self.service._fork_servers.current = self.fork_server
 
     def event(self, kind: str, **fields: Any) -> None:
         """The fork server (or a worker) reports one event."""
@@ -102,7 +88,7 @@ def texts(events: list[LogEvent]) -> list[str]:
 def test_ready_forks_every_worker() -> None:
     """When the fork server is ready, one fork command is written per worker slot."""
     pool = Pool(count=3)
-    pool.event("ready")
+    pool.event("ready", pid=FORK_SERVER_PID)
     assert pool.forks() == [0, 1, 2]
 
 
@@ -158,7 +144,7 @@ def test_failed_logged() -> None:
     """A fork server that cannot start is logged as an error with its reason."""
     pool = Pool()
     with capturedLogs() as events:
-        pool.event("failed", text="ImportError: No module named 'mytasks'")
+        pool.event("failed", pid=FORK_SERVER_PID, text="ImportError: No module named 'mytasks'")
     [event] = events
     assert event["log_level"] == LogLevel.error
     assert "No module named 'mytasks'" in formatEvent(event)
@@ -261,7 +247,7 @@ def test_young_worker_that_never_served_is_backed_off() -> None:
     0.5 s, then 1 s."""
     pool = Pool(count=1)
     for attempt, delay in enumerate([0.5, 1.0], start=1):
-        crash(pool, pid=600 + attempt, runs=supervisor.STABLE_SECONDS - EPSILON)
+        crash(pool, pid=600 + attempt, runs=slots.STABLE_SECONDS - EPSILON)
         assert len(pool.forks()) == attempt - 1
         assert [c.getTime() for c in pool.reactor.getDelayedCalls()] == [
             pool.reactor.seconds() + delay
@@ -273,7 +259,7 @@ def test_young_worker_that_never_served_is_backed_off() -> None:
 def test_worker_that_ran_exactly_a_second_is_restarted_at_once() -> None:
     """A worker that dies STABLE_SECONDS after its fork, never having served, is no crash loop."""
     pool = Pool(count=1)
-    crash(pool, pid=101, runs=supervisor.STABLE_SECONDS)
+    crash(pool, pid=101, runs=slots.STABLE_SECONDS)
     assert pool.forks() == [0]
     assert pool.reactor.getDelayedCalls() == []
 
@@ -300,13 +286,13 @@ def test_restart_due_while_the_fork_server_is_away_happens_when_it_is_ready() ->
     """A backed-off restart that comes due with no fork server is made once one is ready."""
     pool = Pool(count=1)
     crash(pool, pid=101)
-    pool.service._fork_server = None
+    pool.service._fork_servers.current = None
     with capturedLogs() as events:
         pool.reactor.advance(0.5)
     assert not [e for e in events if e.get("log_failure") is not None]
     assert pool.forks() == []
-    pool.service._fork_server = pool.fork_server
-    pool.event("ready")
+    pool.service._fork_servers.current = pool.fork_server
+    pool.event("ready", pid=FORK_SERVER_PID)
     assert pool.forks() == [0]
 
 
@@ -430,17 +416,10 @@ def test_standard_error_logged() -> None:
 # Stopping
 
 
-@pytest.fixture
-def kills(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[int, int]]]:
-    """Signals the supervisor sends, recorded instead of sent."""
-    sent: list[tuple[int, int]] = []
-    monkeypatch.setattr(supervisor.os, "kill", lambda pid, signum: sent.append((pid, signum)))
-    yield sent
-
-
-def test_stop_cancels_restart(kills: list[tuple[int, int]]) -> None:
+def test_stop_cancels_restart() -> None:
     """Stopping cancels pending restarts and fires once the fork server exits."""
     pool = Pool(count=1)
+    kills = pool.processes.signals
     crash(pool, pid=100)
     stopped = outcome(pool.service.stopService())
     assert pool.transport.stdin_closed
@@ -453,9 +432,10 @@ def test_stop_cancels_restart(kills: list[tuple[int, int]]) -> None:
     assert kills == []
 
 
-def test_stop_signals_workers(kills: list[tuple[int, int]]) -> None:
+def test_stop_signals_workers() -> None:
     """Stopping SIGTERMs workers and closes the fork server after they exit."""
     pool = Pool(count=2)
+    kills = pool.processes.signals
     pool.start_worker(0, 100)
     pool.start_worker(1, 101)
     stopped = outcome(pool.service.stopService())
@@ -470,9 +450,10 @@ def test_stop_signals_workers(kills: list[tuple[int, int]]) -> None:
     assert pool.status()["restarts"] == 0
 
 
-def test_stop_kills_stuck_workers(kills: list[tuple[int, int]]) -> None:
+def test_stop_kills_stuck_workers() -> None:
     """Workers still running 2 s after the stop timeout are killed."""
     pool = Pool(count=1, stop_timeout=10.0)
+    kills = pool.processes.signals
     pool.start_worker(0, 100)
     stopped = outcome(pool.service.stopService())
     pool.reactor.advance(12.0 - EPSILON)
@@ -484,7 +465,7 @@ def test_stop_kills_stuck_workers(kills: list[tuple[int, int]]) -> None:
     assert stopped == [None]
 
 
-def test_stop_kills_stuck_fork_server(kills: list[tuple[int, int]]) -> None:
+def test_stop_kills_stuck_fork_server() -> None:
     """A fork server still running 5 s after its input closed is killed."""
     pool = Pool(count=1)
     stopped = outcome(pool.service.stopService())
@@ -493,9 +474,10 @@ def test_stop_kills_stuck_fork_server(kills: list[tuple[int, int]]) -> None:
     assert stopped == [None]
 
 
-def test_worker_forked_while_stopping(kills: list[tuple[int, int]]) -> None:
+def test_worker_forked_while_stopping() -> None:
     """A worker whose fork is reported after stopping began is told to stop at once."""
     pool = Pool(count=1)
+    kills = pool.processes.signals
     pool.service.stopService()
     pool.event("forked", index=0, pid=100)
     assert kills == [(100, signal.SIGTERM)]
@@ -594,14 +576,13 @@ def test_recycling_limits_reach_the_workers() -> None:
     )
 
 
-def test_worker_past_deadline_killed(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_worker_past_deadline_killed() -> None:
     """A worker still in a task ``kill_grace`` after its deadline is SIGKILLed."""
     import signal as signals
     import time
 
-    killed: list[tuple[int, int]] = []
-    monkeypatch.setattr(supervisor.os, "kill", lambda pid, sig: killed.append((pid, sig)))
     pool = Pool(count=1)
+    killed = pool.processes.signals
     pool.start_worker(0, 300)
     pool.event("deadline", index=0, pid=300, kill_at=time.monotonic() + 2.0)
     pool.reactor.advance(1.0)
@@ -611,13 +592,12 @@ def test_worker_past_deadline_killed(monkeypatch: pytest.MonkeyPatch) -> None:
     assert pool.status()["killed_past_deadline"] == 1
 
 
-def test_deadline_cleared_when_task_returns(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_deadline_cleared_when_task_returns() -> None:
     """A task that returns in time cancels its kill."""
     import time
 
-    killed: list[tuple[int, int]] = []
-    monkeypatch.setattr(supervisor.os, "kill", lambda pid, sig: killed.append((pid, sig)))
     pool = Pool(count=1)
+    killed = pool.processes.signals
     pool.start_worker(0, 301)
     pool.event("deadline", index=0, pid=301, kill_at=time.monotonic() + 2.0)
     pool.event("deadline", index=0, pid=301, kill_at=None)
