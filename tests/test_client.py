@@ -25,12 +25,12 @@ from zope.interface.verify import verifyObject
 
 from taskoffload import wire
 from taskoffload.client import (
-    DUPLICATE_RETRIES,
     ITaskPool,
     PoolAddress,
     TaskClient,
     TaskError,
 )
+from taskoffload.targets import DUPLICATE_RETRIES
 from tests._trial_bridge import pytest_module
 
 ADDRESS = "tcp:127.0.0.1:12345"
@@ -120,9 +120,8 @@ class Pool:
         host, port, factory, *_ = self.reactor.tcpClients[index]
         protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
         transport = TCPStringTransport()
+        # The endpoint hands the connected protocol over at once.
         protocol.makeConnection(transport)
-        # ClientCreator hands the protocol over on the next reactor turn.
-        self.reactor.advance(0)
         # The worker acknowledges the session line once it has accepted.
         ack = wire.SessionAck(
             worker=worker, retry=tuple(retry), slots=slots, concurrency=concurrency
@@ -136,7 +135,6 @@ class Pool:
         assert isinstance(factory, ClientFactory)
         connector = self.reactor.connectors[index]
         factory.clientConnectionFailed(connector, Failure(error.ConnectionRefusedError()))
-        self.reactor.advance(0)
 
 
 class Outcome:
@@ -847,7 +845,6 @@ def test_no_request_before_the_worker_accepts() -> None:
     protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
     transport = TCPStringTransport()
     protocol.makeConnection(transport)
-    pool.reactor.advance(0)
     assert transport.value() == b'{"session":{"reject_when_busy":true}}\n'
     protocol.dataReceived(b'{"session": {"worker": 7}}\n')
     assert b'"function":"noop"' in transport.value()
@@ -876,7 +873,6 @@ def test_lost_before_accept_is_not_worker_lost() -> None:
     host, port, factory, *_ = pool.reactor.tcpClients[-1]
     protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
     protocol.makeConnection(TCPStringTransport())
-    pool.reactor.advance(0)
     protocol.connectionLost(Failure(ConnectionLost()))
     assert not outcome.fired
     other = pool.accept()
@@ -1143,7 +1139,6 @@ def test_client_answers_the_challenge_with_its_secret() -> None:
     protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
     transport = TCPStringTransport()
     protocol.makeConnection(transport)
-    reactor.advance(0)
     assert transport.value() == b""  # waits for the challenge
     protocol.dataReceived(b'{"challenge": "abcd"}\n')
     auth, session = (orjson.loads(line) for line in transport.value().splitlines())
@@ -1162,7 +1157,6 @@ def test_client_without_secret_says_why_it_cannot_connect() -> None:
     protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
     transport = TCPStringTransport()
     protocol.makeConnection(transport)
-    pool.reactor.advance(0)
     protocol.dataReceived(b'{"challenge": "abcd"}\n')
     protocol.connectionLost(Failure(ConnectionDone()))
     assert outcome.error.code == "worker_lost"
