@@ -10,9 +10,10 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IProcessProtocol, IProcessTransport
 from zope.interface import Interface
 
-__all__ = ["ITaskPool"]
+__all__ = ["IProcessControl", "ITaskPool"]
 
 
 class ITaskPool(Interface):
@@ -55,4 +56,38 @@ class ITaskPool(Interface):
             in line on the caller's side: its :meth:`slots`, plus what it sends
             ahead to busy workers; ``None`` while the pool has not said.  The
             gateway divides this among its clients (its fair share).
+        """
+
+    def close() -> Deferred[None]:
+        """
+        Stop: calls waiting or in flight fail with :class:`TaskError`
+        ``worker_lost``, and so do calls made from now on.
+
+        :return: a Deferred that fires once the pool's connections are gone.
+        """
+
+
+class IProcessControl(Interface):
+    """
+    What a worker pool's supervisor does to processes: start its fork servers and
+    send signals (provided by :class:`taskoffload.processes.ProcessControl`).
+    """
+
+    def spawn_fork_server(
+        protocol: IProcessProtocol, listen_fd: int, lifeline_fd: int
+    ) -> IProcessTransport:
+        """
+        Start a fork server: ``python -m taskoffload._forkserver``, its standard
+        input, output and error piped to ``protocol``.
+
+        :param listen_fd: the shared listening socket, the fork server's fd 3.
+        :param lifeline_fd: the read end of the fork server's lifeline pipe, its
+            fd 4 (the caller closes its own copy).
+        :return: the fork server's process transport, also given to ``protocol``.
+        """
+
+    def kill(pid: int, signum: int) -> None:
+        """
+        Send ``signum`` to process ``pid``; a process that is already gone is no
+        error.
         """

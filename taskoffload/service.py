@@ -12,12 +12,17 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
+from taskoffload.access import GatewayAccess
 from taskoffload.client import TaskClient
 from taskoffload.defaults import AUTO_PING, STOP_TIMEOUT
-from taskoffload.gateway import GatewayAccess, GatewayFactory, GatewayLimits, GatewayStats
+from taskoffload.gateway import GatewayFactory
+from taskoffload.interfaces import ITaskPool
+from taskoffload.session import GatewayLimits
+from taskoffload.stats import GatewayMetrics, GatewayStats
 from taskoffload.supervisor import WorkerPoolService
-from taskoffload.web import GatewayMetrics, make_site, status_document
+from taskoffload.web import make_site, status_document
 
 __all__ = ["GatewayService", "pool_address"]
 
@@ -77,9 +82,11 @@ class GatewayService(Service):
         self.auto_ping = auto_ping
         self.access = access or GatewayAccess()
         self._reactor = reactor
-        self.client: TaskClient | None = None
+        self.client: ITaskPool | None = None
         self.port: IListeningPort | None = None
         self.stats: GatewayStats | None = None
+        # Fires with the listening port, or None if it could not listen.
+        self._listening: Deferred[IListeningPort | None] | None = None
 
     @property
     def reactor(self) -> Any:
@@ -105,8 +112,25 @@ class GatewayService(Service):
 
         return status_document(self.stats, pool)
 
+    def privilegedStartService(self) -> None:
+        """Bind the listening port (before twistd drops privileges, if it does)."""
+        super().privilegedStartService()
+        self._listen()
+
     def startService(self) -> None:
         super().startService()
+        self._listen().addCallback(self._log_listening)
+
+    def _listen(self) -> Deferred[IListeningPort | None]:
+        """
+        Bind the port, once: the site, and the pool client and counters behind
+        it, are made first (none does any I/O until the reactor runs).
+
+        :return: a Deferred that fires with the port, or ``None`` if the gateway
+            cannot listen (which is logged, and stops the reactor).
+        """
+        if self._listening is not None:
+            return self._listening
         self.client = TaskClient(
             self.reactor, self._addresses(), secret=self.secret, prefetch=self.prefetch
         )
@@ -122,27 +146,32 @@ class GatewayService(Service):
         )
         site = make_site(factory, self.status, metrics)
         endpoint = serverFromString(self.reactor, self.listen)
-        d = endpoint.listen(site)
+        self._listening = endpoint.listen(site).addCallbacks(self._bound, self._cannot_listen)
+        return self._listening
 
-        def listening(port: IListeningPort) -> None:
-            self.port = port
+    def _bound(self, port: IListeningPort) -> IListeningPort:
+        self.port = port
+        return port
+
+    def _cannot_listen(self, failure: Failure) -> None:
+        _log.failure("The gateway cannot listen on {listen}", failure, listen=self.listen)
+        if self.reactor.running:
+            self.reactor.stop()
+        else:
+            self.reactor.callWhenRunning(self.reactor.stop)
+
+    def _log_listening(self, port: IListeningPort | None) -> IListeningPort | None:
+        if port is not None:
             _log.info(
                 "Gateway listening on {address}, sending tasks to {pools}",
                 address=port.getHost(),
                 pools=", ".join(self._addresses()),
             )
-
-        def failed(failure: Any) -> None:
-            _log.failure("The gateway cannot listen on {listen}", failure, listen=self.listen)
-            if self.reactor.running:
-                self.reactor.stop()
-            else:
-                self.reactor.callWhenRunning(self.reactor.stop)
-
-        d.addCallbacks(listening, failed)
+        return port
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
+        self._listening = None
         return defer.ensureDeferred(self._stop())
 
     async def _stop(self) -> None:

@@ -25,10 +25,10 @@ the running task); and :meth:`FakeTaskPool.slots` and
 from __future__ import annotations
 
 import itertools
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from twisted.internet import defer
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import Clock
@@ -48,7 +48,7 @@ from taskoffload.client import (
     timeout_error,
 )
 from taskoffload.registry import TaskRegistry
-from taskoffload.worker import TaskServerFactory
+from taskoffload.running import TaskRunner
 
 __all__ = ["FakeCall", "FakeTaskPool"]
 
@@ -107,7 +107,7 @@ class FakeCall:
         self._timer: IDelayedCall | None = None
         if clock is not None and time_limit is not None:
             self._timer = clock.callLater(time_limit, self._expire, time_limit)
-        # With tasks: the worker's run of the task, cancelled when the caller gives up.
+        # With tasks: the runner's run of the task, cancelled when the caller gives up.
         self._task: Deferred[Any] | None = None
 
     def __repr__(self) -> str:
@@ -211,9 +211,9 @@ class FakeCall:
         self.timed_out = True
         self._give_up(timeout_error(seconds))
 
-    def _run(self, worker: TaskServerFactory, request: wire.Request) -> None:
-        """Run the task as ``worker`` would, and answer with its reply."""
-        task = worker.run(request, self.progress)
+    def _run(self, runner: TaskRunner, request: wire.Request) -> None:
+        """Run the task with a worker's ``runner``, and answer with its reply."""
+        task = runner.run(request, self.progress)
         self._task = task
         task.addCallback(self._replied).addErrback(self._task_ended)
 
@@ -222,9 +222,13 @@ class FakeCall:
             self._deliver(reply)
 
     def _task_ended(self, failure: Failure) -> None:
-        # The worker's run fails only when the caller gave up and cancelled it.
+        # The runner's run fails only when the caller gave up and cancelled it.
         if not failure.check(CancelledError):
             _log.failure("Answering {function!r} failed", failure, function=self.function)
+
+
+def _closed_error() -> TaskError:
+    return TaskError(wire.WORKER_LOST, "client closed")
 
 
 @implementer(ITaskPool)
@@ -253,6 +257,7 @@ class FakeTaskPool:
         :meth:`capacity` uses it.
     :raises ValueError: for an out-of-range number, as the real client.
     :ivar calls: every call made, oldest first, answered or not.
+    :ivar closed: whether :meth:`close` was called.
     """
 
     def __init__(
@@ -271,18 +276,18 @@ class FakeTaskPool:
             raise ValueError("prefetch must not be negative")
         self.tasks = dict(tasks) if tasks is not None else None
         self.calls: list[FakeCall] = []
+        self.closed = False
         self._clock = clock
         self._timeout = timeout
         self._slots = slots
         self._prefetch = prefetch
         self._ids = itertools.count(1)
-        self._worker: TaskServerFactory | None = None
+        self._runner: TaskRunner | None = None
         if self.tasks is not None:
             # Without a clock, a clock that never moves: deadlines never pass.
-            self._worker = TaskServerFactory(
-                TaskRegistry.from_mapping(self.tasks),
-                clock if clock is not None else Clock(),
-                concurrency=sys.maxsize,
+            # No slots: every call runs at once.
+            self._runner = TaskRunner(
+                TaskRegistry.from_mapping(self.tasks), clock if clock is not None else Clock()
             )
 
     @property
@@ -314,6 +319,8 @@ class FakeTaskPool:
             with the real client.
         """
         check_timeout(timeout)
+        if self.closed:
+            return defer.fail(_closed_error())
         limit = timeout if timeout is not None else self._timeout
         request = wire.Request(
             id=next(self._ids),
@@ -350,9 +357,23 @@ class FakeTaskPool:
         if refused is not None:
             call.deferred.errback(refused)
             return call.deferred
-        if self._worker is not None:
-            call._run(self._worker, request)
+        if self._runner is not None:
+            call._run(self._runner, request)
         return call.deferred
+
+    def close(self) -> Deferred[None]:
+        """
+        Stop, as :meth:`TaskClient.close <taskoffload.client.TaskClient.close>`
+        does: the calls not answered yet fail with ``worker_lost`` ("client
+        closed") and their tasks are cancelled; calls made from now on fail the
+        same way at once, and are not recorded.
+
+        :return: a Deferred that has fired: a fake pool has no connections to wait for.
+        """
+        self.closed = True
+        for call in self.pending:
+            call._give_up(_closed_error())
+        return defer.succeed(None)
 
     def slots(self) -> int | None:
         """:return: the ``slots`` the pool was given: ``None`` unless told one."""

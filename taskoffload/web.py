@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 from autobahn.twisted.resource import WebSocketResource
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.web.http import Request as HTTPRequest
@@ -19,70 +19,12 @@ from twisted.web.pages import notFound
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
-from taskoffload.gateway import GatewayAccess, GatewayFactory, GatewayStats
+from taskoffload.access import GatewayAccess
+from taskoffload.gateway import GatewayFactory
+from taskoffload.stats import GatewayMetrics, GatewayStats
 
+# GatewayMetrics lives in taskoffload.stats; it is re-exported here.
 __all__ = ["GatewayMetrics", "make_site"]
-
-
-class GatewayMetrics:
-    """Prometheus metrics of one gateway, in a registry of their own."""
-
-    def __init__(self, stats_source: Callable[[], dict[str, Any]]) -> None:
-        self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "taskoffload_requests",
-            "Final replies sent, by task function and outcome (ok or an error code).",
-            ["function", "outcome"],
-            registry=self.registry,
-        )
-        self._requests_by_key: dict[tuple[str, str], Any] = {}
-        self.latency = Histogram(
-            "taskoffload_request_seconds",
-            "Seconds from a request reaching the gateway to its final reply.",
-            registry=self.registry,
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
-        )
-        clients = Gauge(
-            "taskoffload_clients", "WebSocket clients connected.", registry=self.registry
-        )
-        inflight = Gauge(
-            "taskoffload_inflight",
-            "Requests (batch items included) awaiting their reply.",
-            registry=self.registry,
-        )
-        workers = Gauge(
-            "taskoffload_workers_serving",
-            "Worker processes serving (role all only).",
-            registry=self.registry,
-        )
-        restarts = Gauge(
-            "taskoffload_worker_restarts",
-            "Worker processes restarted (role all only).",
-            registry=self.registry,
-        )
-
-        def gateway() -> dict[str, Any]:
-            return stats_source().get("gateway", {})
-
-        def pool() -> dict[str, Any]:
-            return stats_source().get("pool") or {}
-
-        clients.set_function(lambda: gateway().get("clients", 0))
-        inflight.set_function(lambda: gateway().get("inflight", 0))
-        workers.set_function(lambda: pool().get("serving", 0))
-        restarts.set_function(lambda: pool().get("restarts", 0))
-
-    def finished(self, function: str, outcome: str, seconds: float) -> None:
-        """Record one final reply (see :class:`GatewayStats`)."""
-        # labels() takes a lock and validates its arguments on every call; the
-        # names are bounded (GatewayStats), so their children can be kept.
-        key = (function, outcome)
-        counter = self._requests_by_key.get(key)
-        if counter is None:
-            counter = self._requests_by_key[key] = self.requests.labels(function, outcome)
-        counter.inc()
-        if outcome != "overloaded":
-            self.latency.observe(seconds)
 
 
 class _Page(Resource):

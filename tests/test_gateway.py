@@ -24,8 +24,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 
-from taskoffload import gateway as gateway_module
-from taskoffload import wire
+from taskoffload import fairshare, wire
 from taskoffload.gateway import GatewayFactory, GatewayLimits, GatewayProtocol, GatewayStats
 from taskoffload.testing import FakeTaskPool
 from tests._trial_bridge import pytest_module
@@ -555,57 +554,6 @@ def test_stats_count_overloaded() -> None:
     assert list(gateway.stats.latencies) == []
 
 
-def test_stats_count_unknown_functions_under_one_name() -> None:
-    """Calls to names the pool does not know are counted together, whatever the names."""
-    seen: list[str] = []
-    stats = GatewayStats(on_finished=lambda function, *rest: seen.append(function))
-    for n in range(3):
-        stats.started()
-        stats.finished(f"nope{n}", wire.UNKNOWN_FUNCTION, 0.001)
-    assert stats.by_function == {gateway_module.UNKNOWN_FUNCTIONS: 3}
-    assert seen == [gateway_module.UNKNOWN_FUNCTIONS] * 3
-
-
-def test_stats_bound_the_function_names(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Beyond MAX_FUNCTION_NAMES distinct names, further names are counted as one."""
-    monkeypatch.setattr(gateway_module, "MAX_FUNCTION_NAMES", 2)
-    stats = GatewayStats()
-    for function in ["a", "b", "c", "a", "d"]:
-        stats.rejected(function, wire.OVERLOADED)
-    assert stats.by_function == {"a": 2, "b": 1, gateway_module.OTHER_FUNCTIONS: 2}
-
-
-def test_stats_on_finished_hook() -> None:
-    """on_finished sees each final reply's function, outcome and seconds."""
-    seen: list[tuple[str, str, float]] = []
-    stats = GatewayStats(on_finished=lambda *args: seen.append(args))
-    stats.started()
-    stats.finished("f", "ok", 0.5)
-    stats.rejected("g", "overloaded")
-    assert seen == [("f", "ok", 0.5), ("g", "overloaded", 0.0)]
-    assert stats.inflight == 0
-
-
-def test_percentiles_empty() -> None:
-    """With no latencies recorded, every percentile is None."""
-    assert set(GatewayStats().percentiles().values()) == {None}
-
-
-def test_percentiles_known_latencies() -> None:
-    """Percentiles come from the recorded latencies, in milliseconds."""
-    stats = GatewayStats()
-    latencies = [0.010] * 60 + [0.020] * 35 + [0.030] * 3 + [0.500] * 2
-    stats.latencies.extend(reversed(latencies))
-    assert stats.percentiles() == {"p50_ms": 10.0, "p90_ms": 20.0, "p99_ms": 500.0, "max_ms": 500.0}
-
-
-def test_percentiles_single_latency() -> None:
-    """One latency is every percentile."""
-    stats = GatewayStats()
-    stats.latencies.append(0.0123)
-    assert set(stats.percentiles().values()) == {12.3}
-
-
 # Real framing
 
 
@@ -686,11 +634,11 @@ def test_framed_oversize_message(txaio_clock: Clock) -> None:
 def test_share_before_the_pool_says_its_size(gateway: Gateway) -> None:
     """Until the pool says its size, a lone client has FIRST_SHARE calls at the pool at once."""
     peer = gateway.connect()
-    for n in range(gateway_module.FIRST_SHARE + 2):
+    for n in range(fairshare.FIRST_SHARE + 2):
         peer.send({"id": n, "function": "noop"})
-    assert len(gateway.pool.pending) == gateway_module.FIRST_SHARE
+    assert len(gateway.pool.pending) == fairshare.FIRST_SHARE
     gateway.pool.pending[0].succeed(None)
-    assert len(gateway.pool.pending) == gateway_module.FIRST_SHARE
+    assert len(gateway.pool.pending) == fairshare.FIRST_SHARE
     assert peer.take() == [{"id": 0, "result": None}]
 
 

@@ -406,5 +406,20 @@ def test_bad_timeout_rejected(harness: Harness, timeout: float) -> None:
         harness.pool.send_task("add", (1, 2), timeout=timeout)
 
 
+def test_close(harness: Harness, tasks: Tasks) -> None:
+    """close() fails the call in flight with worker_lost and cancels its task; the
+    Deferred it returns fires; a call made after it fails the same way at once."""
+    d = harness.pool.send_task("wait")
+    harness.settle()
+    closed = harness.pool.close()
+    harness.settle()
+    e = error_of(d)
+    assert (e.code, e.message) == (wire.WORKER_LOST, "client closed")
+    assert outcome(closed) is None
+    assert tasks.cancelled == 1
+    later = error_of(harness.pool.send_task("add", (1, 2)))
+    assert (later.code, later.message) == (wire.WORKER_LOST, "client closed")
+
+
 # trial finds no TestCase here: it runs this module through pytest instead.
 testSuite = pytest_module(__file__)

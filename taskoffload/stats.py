@@ -1,0 +1,194 @@
+"""
+What the gateway counts: :class:`GatewayStats`, read by ``/status``, and
+:class:`GatewayMetrics`, the Prometheus metrics served at ``/metrics``.
+
+``/status`` reports latency percentiles computed here (:func:`latency_percentiles`);
+``/metrics`` reports a histogram, from which Prometheus computes its own.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Gauge, Histogram
+from prometheus_client import Counter as PrometheusCounter
+
+from taskoffload import wire
+
+__all__ = [
+    "LATENCY_WINDOW",
+    "MAX_FUNCTION_NAMES",
+    "OTHER_FUNCTIONS",
+    "UNKNOWN_FUNCTIONS",
+    "GatewayMetrics",
+    "GatewayStats",
+    "latency_percentiles",
+]
+
+#: Latencies kept for the percentiles in ``/status``.
+LATENCY_WINDOW = 10_000
+
+#: Distinct function names counted in ``/status`` and ``/metrics``; calls to
+#: others are counted as ``OTHER_FUNCTIONS``.  Names come from clients, so
+#: without a bound a client could grow the counters without end.
+MAX_FUNCTION_NAMES = 1000
+#: How calls to names the pool does not know are counted.
+UNKNOWN_FUNCTIONS = "(unknown)"
+#: How calls beyond :data:`MAX_FUNCTION_NAMES` are counted.
+OTHER_FUNCTIONS = "(other)"
+
+
+def latency_percentiles(latencies: Iterable[float]) -> dict[str, float | None]:
+    """
+    :param latencies: seconds, in any order.
+    :return: ``p50_ms``, ``p90_ms``, ``p99_ms`` and ``max_ms``: milliseconds,
+        rounded to the microsecond, or all ``None`` when there are none.  The
+        ``q`` percentile of ``n`` sorted values is the one at index ``int(q * n)``
+        (the last one at most).
+    """
+    ordered = sorted(latencies)
+    if not ordered:
+        return {"p50_ms": None, "p90_ms": None, "p99_ms": None, "max_ms": None}
+
+    def at(q: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 3)
+
+    return {
+        "p50_ms": at(0.50),
+        "p90_ms": at(0.90),
+        "p99_ms": at(0.99),
+        "max_ms": round(ordered[-1] * 1000, 3),
+    }
+
+
+class GatewayStats:
+    """
+    What ``/status`` and ``/metrics`` report: clients, requests in flight, totals
+    by function and by outcome, and recent latencies.
+
+    :param on_finished: also called with (function, outcome, seconds) for each
+        final reply, e.g. to feed Prometheus metrics.
+    """
+
+    def __init__(self, on_finished: Callable[[str, str, float], None] | None = None) -> None:
+        self.clients = 0
+        self.inflight = 0
+        self.requests = 0
+        self.by_function: Counter[str] = Counter()
+        self.by_outcome: Counter[str] = Counter()
+        self.latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
+        self._on_finished = on_finished
+
+    def started(self, count: int = 1) -> None:
+        """Count ``count`` requests (batch items included) now in flight."""
+        self.inflight += count
+
+    def _name(self, function: str, outcome: str) -> str:
+        # The name a call is counted under: see MAX_FUNCTION_NAMES.
+        if outcome == wire.UNKNOWN_FUNCTION:
+            return UNKNOWN_FUNCTIONS
+        if function in self.by_function or len(self.by_function) < MAX_FUNCTION_NAMES:
+            return function
+        return OTHER_FUNCTIONS
+
+    def finished(self, function: str, outcome: str, seconds: float) -> None:
+        """Count one final reply; ``outcome`` is ``ok`` or an error code."""
+        function = self._name(function, outcome)
+        self.inflight -= 1
+        self.requests += 1
+        self.by_function[function] += 1
+        self.by_outcome[outcome] += 1
+        self.latencies.append(seconds)
+        if self._on_finished is not None:
+            self._on_finished(function, outcome, seconds)
+
+    def rejected(self, function: str, outcome: str) -> None:
+        """Count a request answered without reaching the pool."""
+        function = self._name(function, outcome)
+        self.requests += 1
+        self.by_function[function] += 1
+        self.by_outcome[outcome] += 1
+        if self._on_finished is not None:
+            self._on_finished(function, outcome, 0.0)
+
+    def percentiles(self) -> dict[str, float | None]:
+        """p50, p90, p99 and max of the recent latencies, in milliseconds."""
+        return latency_percentiles(self.latencies)
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``gateway`` part of the ``/status`` document."""
+        return {
+            "clients": self.clients,
+            "inflight": self.inflight,
+            "requests": self.requests,
+            "by_function": dict(self.by_function),
+            "by_outcome": dict(self.by_outcome),
+            "latency": self.percentiles(),
+        }
+
+
+class GatewayMetrics:
+    """
+    Prometheus metrics of one gateway, in a registry of their own.
+
+    :param stats_source: returns the ``/status`` document, read for the gauges.
+    """
+
+    def __init__(self, stats_source: Callable[[], dict[str, Any]]) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = PrometheusCounter(
+            "taskoffload_requests",
+            "Final replies sent, by task function and outcome (ok or an error code).",
+            ["function", "outcome"],
+            registry=self.registry,
+        )
+        self._requests_by_key: dict[tuple[str, str], Any] = {}
+        self.latency = Histogram(
+            "taskoffload_request_seconds",
+            "Seconds from a request reaching the gateway to its final reply.",
+            registry=self.registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        clients = Gauge(
+            "taskoffload_clients", "WebSocket clients connected.", registry=self.registry
+        )
+        inflight = Gauge(
+            "taskoffload_inflight",
+            "Requests (batch items included) awaiting their reply.",
+            registry=self.registry,
+        )
+        workers = Gauge(
+            "taskoffload_workers_serving",
+            "Worker processes serving (role all only).",
+            registry=self.registry,
+        )
+        restarts = Gauge(
+            "taskoffload_worker_restarts",
+            "Worker processes restarted (role all only).",
+            registry=self.registry,
+        )
+
+        def gateway() -> dict[str, Any]:
+            return stats_source().get("gateway", {})
+
+        def pool() -> dict[str, Any]:
+            return stats_source().get("pool") or {}
+
+        clients.set_function(lambda: gateway().get("clients", 0))
+        inflight.set_function(lambda: gateway().get("inflight", 0))
+        workers.set_function(lambda: pool().get("serving", 0))
+        restarts.set_function(lambda: pool().get("restarts", 0))
+
+    def finished(self, function: str, outcome: str, seconds: float) -> None:
+        """Record one final reply (see :class:`GatewayStats`)."""
+        # labels() takes a lock and validates its arguments on every call; the
+        # names are bounded (GatewayStats), so their children can be kept.
+        key = (function, outcome)
+        counter = self._requests_by_key.get(key)
+        if counter is None:
+            counter = self._requests_by_key[key] = self.requests.labels(function, outcome)
+        counter.inc()
+        if outcome != "overloaded":
+            self.latency.observe(seconds)
