@@ -17,7 +17,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
 from taskoffload import wire
-from taskoffload.client import cancelled_error
+from taskoffload.calls import cancelled_error
 from taskoffload.errors import TaskError
 from taskoffload.interfaces import ITaskPool
 
