@@ -3,7 +3,7 @@ The events a pool's processes send its supervisor, one schema for both ends of t
 pipe.
 
 The fork server and each worker write events as JSON lines (one ``write`` each, see
-:class:`taskoffload._child.EventWriter`); the supervisor reads them back with
+:class:`EventWriter`); the supervisor reads them back with
 :func:`decode`.  Every event names the worker slot (``index``, ``None`` for the
 fork server's own) and the process (``pid``) it is about.
 """

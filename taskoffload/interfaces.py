@@ -1,7 +1,9 @@
 """
 The seams between taskoffload's parts, as zope interfaces: what the gateway needs of
 a pool (:class:`ITaskPool`, provided by :class:`taskoffload.client.TaskClient` and
-:class:`taskoffload.testing.FakeTaskPool`).
+:class:`taskoffload.testing.FakeTaskPool`), and what a pool's supervisor does to
+processes (:class:`IProcessControl`, provided by
+:class:`taskoffload.processes.ProcessControl`; the tests record it instead).
 """
 
 from __future__ import annotations
