@@ -22,7 +22,7 @@ from playwright.sync_api import BrowserContext, Page, expect, sync_playwright
 from tests.integration.support import IntegrationTestCase, wait_for
 
 CHROMIUM = "/usr/bin/chromium"
-#: Flags from issue 6: no sandbox (CI runs as root), no GPU, and nothing that reaches out
+#: Flags: no sandbox (CI runs as root), no GPU, and nothing that reaches out
 #: to the network or to Google on its own. ``--headless`` is passed by Playwright too;
 #: it is repeated here so the command line says what it does.
 CHROMIUM_ARGS = [
