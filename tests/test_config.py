@@ -9,40 +9,28 @@ import pytest
 from taskoffload.config import PoolConfig
 from tests._trial_bridge import pytest_module
 
+#: A configuration with every field away from its default.
+FIELDS = dict(
+    count=3,
+    concurrency=2,
+    tasks=("mytasks", "othertasks"),
+    max_message=4096,
+    stop_timeout=7.5,
+    env={"TASKOFFLOAD_SMTP_HOST": "mail.example.org"},
+    idle_timeout=5.0,
+    max_tasks_per_child=10,
+    max_memory_per_child=200,
+    task_timeout=2.5,
+    kill_grace=0.5,
+    secret=b"\x00\xffsecret",
+)
+
 
 def test_the_line_reads_back_as_the_same_config() -> None:
     """``from_json`` gives back every field ``to_json`` sent, and the sender's import path."""
-    config = PoolConfig(
-        count=3,
-        concurrency=2,
-        tasks=("mytasks", "othertasks"),
-        max_message=4096,
-        stop_timeout=7.5,
-        env={"TASKOFFLOAD_SMTP_HOST": "mail.example.org"},
-        idle_timeout=5.0,
-        max_tasks_per_child=10,
-        max_memory_per_child=200,
-        task_timeout=2.5,
-        kill_grace=0.5,
-        secret=b"\x00\xffsecret",
-    )
-    read = PoolConfig.from_json(config.to_json())
+    read = PoolConfig.from_json(PoolConfig(**FIELDS).to_json())
     assert read.import_path == tuple(p for p in sys.path if p)
-    assert read == PoolConfig(
-        count=3,
-        concurrency=2,
-        tasks=("mytasks", "othertasks"),
-        max_message=4096,
-        stop_timeout=7.5,
-        env={"TASKOFFLOAD_SMTP_HOST": "mail.example.org"},
-        idle_timeout=5.0,
-        max_tasks_per_child=10,
-        max_memory_per_child=200,
-        task_timeout=2.5,
-        kill_grace=0.5,
-        secret=b"\x00\xffsecret",
-        import_path=read.import_path,
-    )
+    assert read == PoolConfig(**FIELDS, import_path=read.import_path)
 
 
 def test_no_secret_reads_back_as_none() -> None:

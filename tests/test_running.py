@@ -13,13 +13,13 @@ from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs
 from twisted.python.failure import Failure
-from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from taskoffload import wire
 from taskoffload.registry import TaskRegistry, task
 from taskoffload.running import DeadlineExceeded, ISyncDeadlines, TaskRunner, final_reply
 from tests._trial_bridge import pytest_module
+from tests.fake_deadlines import RecordingDeadlines
 
 
 class Tasks:
@@ -66,20 +66,6 @@ class Tasks:
         return TaskRegistry.from_functions(
             [add, wait, double_later, count, boom, stuck, slow_start, patient]
         )
-
-
-@implementer(ISyncDeadlines)
-class RecordingDeadlines:
-    """An ``ISyncDeadlines`` that records its use."""
-
-    def __init__(self) -> None:
-        self.calls: list[Any] = []
-
-    def arm(self, seconds: float) -> None:
-        self.calls.append(("arm", seconds))
-
-    def disarm(self) -> None:
-        self.calls.append("disarm")
 
 
 class Runner:

@@ -17,7 +17,6 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel, capturedLogs
 from twisted.python.failure import Failure
-from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from taskoffload import wire
@@ -31,6 +30,7 @@ from taskoffload.worker import (
     TaskServerProtocol,
 )
 from tests._trial_bridge import pytest_module
+from tests.fake_deadlines import RecordingDeadlines
 
 
 class Tasks:
@@ -759,20 +759,6 @@ def test_after_task_called_per_final_reply() -> None:
     protocol.dataReceived(b'{"id": 1, "function": "quick"}\n{"id": 2, "function": "quick"}\n')
     assert len(seen) == 2
     assert b'"id":1' in seen[0] and b'"id":2' in seen[1]
-
-
-@implementer(ISyncDeadlines)
-class RecordingDeadlines:
-    """An ``ISyncDeadlines`` that records its use."""
-
-    def __init__(self) -> None:
-        self.calls: list[Any] = []
-
-    def arm(self, seconds: float) -> None:
-        self.calls.append(("arm", seconds))
-
-    def disarm(self) -> None:
-        self.calls.append("disarm")
 
 
 def test_sync_deadline_armed_around_the_task() -> None:

@@ -23,7 +23,13 @@ from harness.bench.clients import (
     open_clients,
     request,
 )
-from harness.bench.services import SmtpSink, gateway_target, smtp_sink, start_pool
+from harness.bench.services import (
+    SmtpSink,
+    gateway_target,
+    smtp_sink,
+    start_pool,
+    start_pool_tree,
+)
 from harness.measure import ClosedLoop, CpuMeter, latency_figures
 from harness.processes import CHECKOUT, TwistdTree, free_port, harness_command
 
@@ -226,15 +232,7 @@ def scenario_noop_direct(options: argparse.Namespace, directory: str) -> dict[st
 def scenario_startup(options: argparse.Namespace, directory: str) -> dict[str, float]:
     """One run of ``startup``."""
     port = free_port()
-    service = TwistdTree(
-        [
-            "--role=worker",
-            f"--count={options.count}",
-            "--listen",
-            f"tcp:{port}:interface=127.0.0.1",
-        ],
-        directory,
-    ).start()
+    service = start_pool_tree(options, directory, port)
     try:
         answered = asyncio.run(all_answer(port, options.count, service.started + 60))
         found = service.wait_for_match(r"All \d+ workers serving, ([0-9.]+) s after start", 30)

@@ -110,14 +110,9 @@ def start_all(
     return service, f"ws://127.0.0.1:{port}/ws"
 
 
-def start_pool(options: argparse.Namespace, directory: str) -> tuple[TwistdTree, str]:
-    """
-    Start ``--role=worker`` with ``--count`` workers; wait until every worker serves.
-
-    :return: the service and its pool address.
-    """
-    port = free_port()
-    service = TwistdTree(
+def start_pool_tree(options: argparse.Namespace, directory: str, port: int) -> TwistdTree:
+    """:return: ``--role=worker`` with ``--count`` workers on ``port``, started."""
+    return TwistdTree(
         [
             "--role=worker",
             f"--count={options.count}",
@@ -126,6 +121,16 @@ def start_pool(options: argparse.Namespace, directory: str) -> tuple[TwistdTree,
         ],
         directory,
     ).start()
+
+
+def start_pool(options: argparse.Namespace, directory: str) -> tuple[TwistdTree, str]:
+    """
+    Start ``--role=worker`` with ``--count`` workers; wait until every worker serves.
+
+    :return: the service and its pool address.
+    """
+    port = free_port()
+    service = start_pool_tree(options, directory, port)
     try:
         service.wait_for_match(rf"All {options.count} workers serving", START_TIMEOUT)
     except BaseException:
