@@ -47,6 +47,20 @@ Scenarios:
 ``blocking-baseline``
     ``--inline`` (100) of the same blocking tasks run one after another in one
     process, and the projection to ``--tasks-total``.
+
+``compare-gateway``
+    ``noop-gateway`` through role all with its default ``--count``, and the same
+    load through the reference chain (``harness.reference``: an Autobahn gateway
+    forwarding each message over one pipelined connection to a ``LineReceiver``
+    echo), the two sides taking turns to go first: tasks/s and server CPU per
+    task (the machine's CPU minus the load generator's, over the tasks) of each
+    (``ref_`` the reference), and their ratios (``ratio_``, taskoffload over the
+    reference).
+
+``compare-worker``
+    ``noop`` lines over ``--clients`` raw connections to one worker
+    (``--count=1``) and to the bare echo: tasks/s and that one process's CPU per
+    task, and their ratios.
 """
 
 from __future__ import annotations
@@ -60,7 +74,8 @@ from pathlib import Path
 from typing import Any
 
 from harness.bench.clients import noop_direct_load, probe_main
-from harness.bench.scenarios import SCENARIOS
+from harness.bench.compare import scenario_compare_gateway, scenario_compare_worker
+from harness.bench.scenarios import SCENARIOS as MEASURES
 from harness.bench.services import smtp_sink_main
 from harness.faults import report as faults_report
 from harness.measure import summarize
@@ -87,6 +102,14 @@ def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
 
     parse.__name__ = kind.__name__
     return parse
+
+
+#: Every scenario, by the name the command line takes.
+SCENARIOS = {
+    **MEASURES,
+    "compare-gateway": scenario_compare_gateway,
+    "compare-worker": scenario_compare_worker,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

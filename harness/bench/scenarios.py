@@ -35,6 +35,7 @@ from harness.processes import CHECKOUT, TwistdTree, free_port, harness_command
 
 __all__ = [
     "SCENARIOS",
+    "noop_gateway_level",
     "scenario_blocking_baseline",
     "scenario_emails",
     "scenario_noop_direct",
@@ -125,9 +126,18 @@ def scenario_responsive(options: argparse.Namespace, directory: str) -> dict[str
         return asyncio.run(_emails_run(options, url, service, sink, probe=True))
 
 
-async def _noop_gateway_level(
-    url: str, clients: int, options: argparse.Namespace, meter: CpuMeter
+async def noop_gateway_level(
+    url: str,
+    clients: int,
+    options: argparse.Namespace,
+    meter: CpuMeter,
+    answered: str = '"result"',
 ) -> dict[str, float]:
+    """
+    ``clients`` WebSocket clients, one ``noop`` in flight each, for one level.
+
+    :param answered: what a reply holds when the call succeeded.
+    """
     loop_state = ClosedLoop(options.duration, options.max_calls)
     frame = request(1, "noop", {})
 
@@ -136,7 +146,7 @@ async def _noop_gateway_level(
             sent = time.perf_counter()
             await ws.send(frame)
             reply = await ws.recv()
-            loop_state.record(sent, '"result"' in reply)
+            loop_state.record(sent, answered in reply)
 
     async with contextlib.AsyncExitStack() as stack:
         connections = await open_clients(url, clients, stack)
@@ -168,7 +178,7 @@ def scenario_noop_gateway(options: argparse.Namespace, directory: str) -> dict[s
         figures: dict[str, float] = {}
         for clients in options.clients:
             meter = CpuMeter(service.pid if service else None)
-            figures.update(asyncio.run(_noop_gateway_level(url, clients, options, meter)))
+            figures.update(asyncio.run(noop_gateway_level(url, clients, options, meter)))
         return figures
 
 
