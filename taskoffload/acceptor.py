@@ -61,11 +61,14 @@ class SharedSocketAcceptor:
         self.log = Logger(namespace="taskoffload.worker.SharedSocketAcceptor", source=self)
 
     def set_capacity(self, has_capacity: bool) -> None:
-        """Start or stop reading as the factory gains or loses capacity."""
+        """
+        Start reading when the factory gains capacity.  Losing it stops nothing
+        yet: the next connection that arrives while there is none does (see
+        :meth:`doRead`), so a worker that runs one task after another on the
+        connections it holds costs the reactor no (un)registration per task.
+        """
         if has_capacity:
             self.resume()
-        else:
-            self.pause()
 
     def resume(self) -> None:
         """Take connections again."""
@@ -98,6 +101,11 @@ class SharedSocketAcceptor:
         self._reading = False
 
     def doRead(self) -> None:
+        if not self._factory.has_capacity:
+            # A connection is waiting and this process has no room: leave it to
+            # an idle one, and stop reading until there is room again.
+            self.pause()
+            return
         try:
             connection, _ = self._socket.accept()
         except (BlockingIOError, InterruptedError):

@@ -18,6 +18,7 @@ from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
+from taskoffload._transport import write_now
 from taskoffload.access import GatewayAccess
 from taskoffload.defaults import AUTO_PING
 from taskoffload.fairshare import FairShare
@@ -99,6 +100,18 @@ class GatewayProtocol(WebSocketServerProtocol):
 
     def _send_reply(self, payload: bytes) -> None:
         self.sendMessage(payload)
+
+    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
+        # Autobahn hands each frame to transport.write, which the reactor sends on
+        # its next turn after registering the socket for writing and before
+        # unregistering it: a lone reply waits, and costs two more system calls.
+        # write_now sends the first frame of a turn at once and the rest together.
+        # (Chopped and synchronous writes, and a queue, keep Autobahn's own path.)
+        if sync or chopsize or self.send_queue or self.state != self.STATE_OPEN:
+            super().sendData(data, sync, chopsize)
+            return
+        write_now(self.transport, data)
+        self.trafficStats.outgoingOctetsWireLevel += len(data)
 
 
 class GatewayFactory(WebSocketServerFactory):

@@ -128,17 +128,37 @@ def test_read_with_nothing_pending(listening: socket.socket) -> None:
     assert reactor.registrations == ["addReader"]
 
 
-def test_capacity_pauses_and_resumes(listening: socket.socket) -> None:
-    """Losing capacity stops reading the socket; regaining it starts again, once each."""
-    acceptor, reactor = make_acceptor(listening)
+class Room:
+    """A factory whose capacity the test sets."""
+
+    def __init__(self, has_capacity: bool) -> None:
+        self.has_capacity = has_capacity
+
+
+def test_capacity_pauses_and_resumes(
+    listening: socket.socket, clients: list[socket.socket]
+) -> None:
+    """Without capacity, a waiting connection is left queued and reading stops; with
+    capacity again, reading starts and the connection is taken, registering once each."""
+    room = Room(True)
+    reactor = FakeReactor()
+    acceptor = SharedSocketAcceptor(reactor, listening, room)
     acceptor.set_capacity(True)
     acceptor.set_capacity(True)
     assert reactor.readers == [acceptor]
+    room.has_capacity = False
     acceptor.set_capacity(False)
     acceptor.set_capacity(False)
+    assert reactor.registrations == ["addReader"]  # losing capacity costs no call
+    connect_clients(listening, clients, 1)
+    acceptor.doRead()
+    assert reactor.adopted == []
     assert reactor.readers == []
+    room.has_capacity = True
     acceptor.set_capacity(True)
     assert reactor.readers == [acceptor]
+    acceptor.doRead()
+    assert len(reactor.adopted) == 1
     assert reactor.registrations == ["addReader", "removeReader", "addReader"]
 
 

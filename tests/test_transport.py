@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import socket
 
+import pytest
 from twisted.internet import tcp
 from twisted.internet.protocol import Protocol
-from twisted.internet.testing import MemoryReactor, StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from taskoffload._transport import write_now
 from tests._trial_bridge import pytest_module
@@ -17,7 +18,7 @@ def connection_pair() -> tuple[tcp.Connection, socket.socket]:
     ours, theirs = socket.socketpair()
     ours.setblocking(False)
     theirs.settimeout(5)
-    connection = tcp.Connection(ours, Protocol(), MemoryReactor())
+    connection = tcp.Connection(ours, Protocol(), MemoryReactorClock())
     connection.connected = True  # as a connected client or server connection is
     return connection, theirs
 
@@ -27,6 +28,61 @@ def test_socket_connection_sends_at_once() -> None:
     connection, peer = connection_pair()
     write_now(connection, b"hello\n")
     assert peer.recv(100) == b"hello\n"
+
+
+def test_nothing_buffered_goes_straight_to_the_socket() -> None:
+    """Behind an empty buffer, the bytes are sent without registering the socket for writing."""
+    connection, peer = connection_pair()
+    registered: list[object] = []
+    connection.reactor.addWriter = registered.append  # type: ignore[method-assign]  # a recorder
+    write_now(connection, b"hello\n")
+    assert registered == []
+    assert (connection.dataBuffer, connection._tempDataBuffer) == (b"", [])
+    assert peer.recv(100) == b"hello\n"
+
+
+def test_later_messages_of_a_turn_go_together_at_its_end() -> None:
+    """The first message of a turn is sent at once; the next ones wait for the turn's
+    end and leave in one send; in the next turn the first goes at once again."""
+    connection, peer = connection_pair()
+    peer.setblocking(False)
+    write_now(connection, b"1\n")
+    write_now(connection, b"2\n")
+    write_now(connection, b"3\n")
+    assert peer.recv(100) == b"1\n"
+    with pytest.raises(BlockingIOError):
+        peer.recv(100)
+    connection.doWrite()  # what the reactor does at the end of the turn
+    assert peer.recv(100) == b"2\n3\n"
+    connection.reactor.advance(0)  # the next turn
+    write_now(connection, b"4\n")
+    assert peer.recv(100) == b"4\n"
+
+
+def test_bytes_behind_buffered_ones_keep_their_order() -> None:
+    """With bytes already buffered, new ones queue behind them and the two arrive in order."""
+    connection, peer = connection_pair()
+    connection.write(b"first\n")  # buffered, as an ordinary write is until the reactor's turn
+    write_now(connection, b"second\n")
+    received = b""
+    while len(received) < len(b"first\nsecond\n"):
+        received += peer.recv(100)
+    assert received == b"first\nsecond\n"
+
+
+def test_what_the_socket_does_not_take_is_left_to_the_reactor() -> None:
+    """A socket with no room keeps the rest in the transport, which sends it when writable."""
+    connection, peer = connection_pair()
+    connection.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    big = b"x" * (1 << 22)
+    write_now(connection, big)
+    assert connection.reactor.getWriters() == [connection]
+    received = 0
+    peer.setblocking(True)
+    while received < len(big):
+        received += len(peer.recv(1 << 20))
+        connection.doWrite()
+    assert received == len(big)
 
 
 def test_closing_connection_is_left_to_the_reactor() -> None:
@@ -46,12 +102,22 @@ def test_closing_connection_is_left_to_the_reactor() -> None:
     assert peer.recv(100) == b"later\n"
 
 
-class RecordingConnection:
-    """A socket connection's interface, recording writes and early flushes."""
+class UnusableSocket:
+    """A socket that fails the test if anything is sent on it directly."""
 
-    def __init__(self, tls: bool) -> None:
-        self.TLS = tls
-        self.disconnecting = False
+    def send(self, data: bytes) -> int:
+        raise AssertionError("sent on the socket directly")
+
+
+class TLSConnection:
+    """A socket connection with TLS started, recording its writes."""
+
+    TLS = True
+    disconnecting = False
+
+    def __init__(self) -> None:
+        self.socket = UnusableSocket()
+        self.reactor = MemoryReactorClock()
         self.events: list[str] = []
 
     def write(self, data: bytes) -> None:
@@ -62,12 +128,14 @@ class RecordingConnection:
 
 
 def test_tls_connection_is_left_to_the_reactor() -> None:
-    """A TLS connection is written as usual and not flushed early; a plain one is flushed."""
-    tls, plain = RecordingConnection(tls=True), RecordingConnection(tls=False)
+    """A TLS connection is written as usual, not sent on its socket nor flushed early
+    (its bytes must go through TLS first); a plain one sends at once."""
+    tls = TLSConnection()
+    plain, plain_peer = connection_pair()
     write_now(tls, b"x")
     write_now(plain, b"x")
     assert tls.events == ["write"]
-    assert plain.events == ["write", "flush"]
+    assert plain_peer.recv(100) == b"x"
 
 
 def test_other_transports_get_a_plain_write() -> None:
