@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import orjson
@@ -278,6 +280,30 @@ def test_step_at_the_end_of_commands(s: Server) -> None:
     os.close(s.commands_w)
     assert s.server.step([s.commands_r])
     assert not s.server.stdin_open
+
+
+#: Run in a fresh interpreter: warm up as the fork server does, then list what a
+#: worker would still import after the fork.
+_AFTER_WARM_UP = """
+import sys
+from taskoffload._forkserver import _warm_up
+from taskoffload.config import PoolConfig
+_warm_up(PoolConfig())
+before = set(sys.modules)
+from taskoffload._child import run_worker
+print(sorted(set(sys.modules) - before))
+"""
+
+
+@pytest.mark.integration
+def test_the_warm_up_imports_what_a_worker_runs() -> None:
+    """Before it forks, the fork server has imported every module a worker imports to
+    run (each one imported after the fork costs every worker pages of its own)."""
+    done = subprocess.run(
+        [sys.executable, "-c", _AFTER_WARM_UP], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
 
 
 testSuite = pytest_module(__file__)
