@@ -102,6 +102,33 @@ def test_noop_direct(tmp_path: Path) -> None:
     assert 0 < figures["pool_pss_mib"] <= figures["pool_rss_mib"]
 
 
+TINY_COMPARE = ["--clients=2", "--duration=0.5", "--warmup=0.1"]
+
+
+def _check_comparison(figures: dict[str, Any], cost: str) -> None:
+    """Both sides made calls, none failed, and each ratio is the two sides' quotient."""
+    for prefix in ("", "ref_"):
+        assert figures[f"{prefix}c2_calls"] > 0
+        assert figures[f"{prefix}c2_errors"] == 0
+        assert figures[f"{prefix}c2_{cost}"] > 0
+    assert figures["ratio_c2_tasks_per_s"] == pytest.approx(
+        figures["c2_tasks_per_s"] / figures["ref_c2_tasks_per_s"]
+    )
+    assert figures[f"ratio_c2_{cost}"] == pytest.approx(
+        figures[f"c2_{cost}"] / figures[f"ref_c2_{cost}"]
+    )
+
+
+def test_compare_gateway(tmp_path: Path) -> None:
+    """The gateway and the reference chain both answer every call; the ratios are theirs."""
+    _check_comparison(run(tmp_path, "compare-gateway", *TINY_COMPARE), "server_us_per_task")
+
+
+def test_compare_worker(tmp_path: Path) -> None:
+    """One worker and the bare echo both answer every line; the ratios are theirs."""
+    _check_comparison(run(tmp_path, "compare-worker", *TINY_COMPARE), "process_us_per_task")
+
+
 def test_startup(tmp_path: Path) -> None:
     """Every worker of a small pool answers, and the pool's memory is reported."""
     figures = run(tmp_path, "startup", "--count=3")
