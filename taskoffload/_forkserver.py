@@ -98,7 +98,7 @@ def _warm_up(config: PoolConfig) -> None:
 
     # The worker process's own module too: imported after the fork, it would
     # cost every worker about 2 MiB of pages of its own.
-    import taskoffload._child  # noqa: F401
+    import taskoffload._child
     import taskoffload.worker  # noqa: F401
     from taskoffload.registry import load_tasks
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 import weakref
 from typing import Any
 
+from twisted.internet.tcp import Connection
+
 __all__ = ["write_now"]
 
 
@@ -69,16 +71,14 @@ def write_now(transport: Any, data: bytes) -> None:
     :param transport: a connected transport.
     :param data: the bytes to write.
     """
-    sock = getattr(transport, "socket", None)
-    reactor = getattr(transport, "reactor", None)
-    if (
-        sock is None
-        or reactor is None
-        or getattr(transport, "disconnecting", True)
-        or getattr(transport, "TLS", False)
-    ):
+    # Only Twisted's own socket connection: a wrapper (TLS over an endpoint is
+    # one) forwards attribute lookups to the connection it wraps, so looking for
+    # a socket would find the raw one under the encryption.
+    if not isinstance(transport, Connection) or transport.disconnecting or transport.TLS:
         transport.write(data)
         return
+    sock = transport.socket
+    reactor = transport.reactor
     turns = _turns.get(reactor)
     if turns is None:
         turns = _turns[reactor] = _Turns(reactor)

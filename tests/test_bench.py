@@ -129,6 +129,19 @@ def test_compare_worker(tmp_path: Path) -> None:
     _check_comparison(run(tmp_path, "compare-worker", *TINY_COMPARE), "process_us_per_task")
 
 
+def test_compare_startup(tmp_path: Path) -> None:
+    """A small pool and the fork reference both start; the ratios are theirs."""
+    figures = run(tmp_path, "compare-startup", "--count=3")
+    assert 0 < figures["ref_launch_to_all_ready_s"] < 60
+    assert 0 < figures["ref_pss_per_worker_mib"]
+    assert figures["ratio_launch_s"] == pytest.approx(
+        figures["launch_to_all_answering_s"] / figures["ref_launch_to_all_ready_s"]
+    )
+    assert figures["ratio_pss_per_worker"] == pytest.approx(
+        figures["pss_per_worker_mib"] / figures["ref_pss_per_worker_mib"]
+    )
+
+
 def test_startup(tmp_path: Path) -> None:
     """Every worker of a small pool answers, and the pool's memory is reported."""
     figures = run(tmp_path, "startup", "--count=3")

@@ -6,8 +6,9 @@ import socket
 
 import pytest
 from twisted.internet import tcp
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 
 from taskoffload._transport import write_now
 from tests._trial_bridge import pytest_module
@@ -136,6 +137,31 @@ def test_tls_connection_is_left_to_the_reactor() -> None:
     write_now(plain, b"x")
     assert tls.events == ["write"]
     assert plain_peer.recv(100) == b"x"
+
+
+class RecordingWrapper(ProtocolWrapper):
+    """A wrapping transport (as TLS over an endpoint is), recording what it is given."""
+
+    def __init__(self) -> None:
+        super().__init__(WrappingFactory(Factory.forProtocol(Protocol)), Protocol())
+        self.written: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+
+def test_a_wrapped_connection_gets_its_wrappers_write() -> None:
+    """Over a wrapper (TLS is one), the bytes go to the wrapper, never to the socket
+    beneath it, though the wrapper forwards the lookup of ``socket`` to it."""
+    connection, peer = connection_pair()
+    wrapper = RecordingWrapper()
+    wrapper.makeConnection(connection)
+    assert wrapper.socket is connection.socket  # what made the mistake possible
+    write_now(wrapper, b"secret\n")
+    assert wrapper.written == [b"secret\n"]
+    peer.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        peer.recv(100)
 
 
 def test_other_transports_get_a_plain_write() -> None:
