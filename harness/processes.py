@@ -18,7 +18,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -30,6 +30,7 @@ __all__ = [
     "free_ports",
     "group_pids",
     "harness_command",
+    "memory_kib",
     "read_text",
     "twistd_command",
 ]
@@ -121,6 +122,22 @@ def group_pids(pgid: int) -> list[int]:
         except ProcessLookupError:
             continue
     return found
+
+
+def memory_kib(pids: Iterable[int]) -> tuple[int, int]:
+    """Total (RSS, PSS) of the processes ``pids`` in KiB, from ``/proc/PID/smaps_rollup``."""
+    rss = pss = 0
+    for pid in pids:
+        try:
+            text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if line.startswith("Rss:"):
+                rss += int(line.split()[1])
+            elif line.startswith("Pss:"):
+                pss += int(line.split()[1])
+    return rss, pss
 
 
 class TwistdTree:
@@ -220,18 +237,7 @@ class TwistdTree:
 
     def memory_kib(self) -> tuple[int, int]:
         """Total (RSS, PSS) of the tree in KiB."""
-        rss = pss = 0
-        for pid in self.pids():
-            try:
-                text = Path(f"/proc/{pid}/smaps_rollup").read_text()
-            except OSError:
-                continue
-            for line in text.splitlines():
-                if line.startswith("Rss:"):
-                    rss += int(line.split()[1])
-                elif line.startswith("Pss:"):
-                    pss += int(line.split()[1])
-        return rss, pss
+        return memory_kib(self.pids())
 
     def stop(self, timeout: float = 10.0) -> None:
         """

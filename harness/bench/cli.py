@@ -61,6 +61,12 @@ Scenarios:
     ``noop`` lines over ``--clients`` raw connections to one worker
     (``--count=1``) and to the bare echo: tasks/s and that one process's CPU per
     task, and their ratios.
+
+``compare-startup``
+    ``startup`` beside a parent with Twisted imported that forks ``--count``
+    children, each installing a reactor, listening and reporting: launch to all
+    answering (all reported, for the reference) and PSS per worker, and their
+    ratios.
 """
 
 from __future__ import annotations
@@ -74,7 +80,11 @@ from pathlib import Path
 from typing import Any
 
 from harness.bench.clients import noop_direct_load, probe_main
-from harness.bench.compare import scenario_compare_gateway, scenario_compare_worker
+from harness.bench.compare import (
+    scenario_compare_gateway,
+    scenario_compare_startup,
+    scenario_compare_worker,
+)
 from harness.bench.scenarios import SCENARIOS as MEASURES
 from harness.bench.services import smtp_sink_main
 from harness.faults import report as faults_report
@@ -108,6 +118,7 @@ def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
 SCENARIOS = {
     **MEASURES,
     "compare-gateway": scenario_compare_gateway,
+    "compare-startup": scenario_compare_startup,
     "compare-worker": scenario_compare_worker,
 }
 

@@ -10,6 +10,11 @@ minus the load generator's, over the tasks answered.
 
 ``compare-worker``: ``noop`` lines over ``--clients`` raw connections to one
 worker (``--count=1``) and to the bare echo; CPU per task is that one process's.
+
+``compare-startup``: ``startup`` with ``--count`` workers, beside a parent with
+Twisted imported that forks ``--count`` children, each installing a reactor,
+listening on a shared socket and reporting: seconds from launch until all
+answer (taskoffload) or all have reported (the reference), and PSS per worker.
 """
 
 from __future__ import annotations
@@ -26,13 +31,13 @@ import time
 from collections.abc import Iterator
 from typing import TypeVar
 
-from harness.bench.scenarios import noop_gateway_level
+from harness.bench.scenarios import noop_gateway_level, scenario_startup
 from harness.bench.services import gateway_target, start_pool_tree
 from harness.measure import ClosedLoop, CpuMeter, process_cpu_seconds
-from harness.processes import CHECKOUT, free_ports, harness_command
+from harness.processes import CHECKOUT, free_ports, group_pids, harness_command, memory_kib
 from taskoffload.tap import default_count
 
-__all__ = ["scenario_compare_gateway", "scenario_compare_worker"]
+__all__ = ["scenario_compare_gateway", "scenario_compare_startup", "scenario_compare_worker"]
 
 #: Which side goes first: the reference in even runs, taskoffload in odd ones.
 _runs = itertools.count()
@@ -169,4 +174,34 @@ def scenario_compare_worker(options: argparse.Namespace, directory: str) -> dict
     finally:
         service.stop()
     _ratios(figures, options.clients, "process_us_per_task")
+    return figures
+
+
+def _reference_startup(count: int) -> dict[str, float]:
+    """One launch of the startup reference: seconds until all reported, and its memory."""
+    started = time.monotonic()
+    with reference_process("forks", str(count)) as pid:
+        ready = time.monotonic() - started
+        _, pss = memory_kib(group_pids(pid))
+    return {
+        "ref_launch_to_all_ready_s": ready,
+        "ref_pss_mib": pss / 1024,
+        "ref_pss_per_worker_mib": pss / 1024 / count,
+    }
+
+
+def scenario_compare_startup(options: argparse.Namespace, directory: str) -> dict[str, float]:
+    """One run of ``compare-startup``."""
+    figures: dict[str, float] = {}
+    for _, measure in _sides(
+        ("ref_", lambda: _reference_startup(options.count)),
+        ("", lambda: scenario_startup(options, directory)),
+    ):
+        figures.update(measure())
+    figures["ratio_launch_s"] = (
+        figures["launch_to_all_answering_s"] / figures["ref_launch_to_all_ready_s"]
+    )
+    figures["ratio_pss_per_worker"] = (
+        figures["pss_per_worker_mib"] / figures["ref_pss_per_worker_mib"]
+    )
     return figures
