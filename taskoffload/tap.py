@@ -93,6 +93,13 @@ class Options(usage.Options):
     optParameters: list[list[Any]] = [
         ["role", None, "all", "worker, gateway or all."],
         [
+            "status-listen",
+            None,
+            None,
+            "Role worker: server endpoint for the pool's own /status and /metrics "
+            "(guarded by --token-file if given), e.g. tcp:9090:interface=127.0.0.1.",
+        ],
+        [
             "listen",
             None,
             None,
@@ -266,10 +273,7 @@ class Options(usage.Options):
                     raise usage.UsageError(f"--pool {address!r}: {e}") from None
         elif self["pool"]:
             raise usage.UsageError("--pool is for --role=gateway; role all uses its own pool")
-        if self["role"] == "worker" and (self["token-file"] or self["allowed-origin"]):
-            raise usage.UsageError(
-                "--token-file and --allowed-origin are for the gateway (--role=gateway or all)"
-            )
+        self._check_access()
         if self["token-file"] is not None:
             self["token"] = read_token(self["token-file"])
         self["secret"] = None
@@ -294,6 +298,27 @@ class Options(usage.Options):
                     f"--allowed-origin {origin!r}: expected an origin such as "
                     "https://example.com or http://localhost:8080"
                 )
+
+    def _check_access(self) -> None:
+        """Check ``--status-listen``, ``--token-file`` and ``--allowed-origin`` for the role."""
+        if self["status-listen"] is not None:
+            if self["role"] != "worker":
+                raise usage.UsageError(
+                    "--status-listen is for --role=worker; the gateway serves /status and "
+                    "/metrics on its own --listen"
+                )
+            if self["status-listen"].split(":", 1)[0] not in ("tcp", "tcp6", "unix", "ssl"):
+                raise usage.UsageError(
+                    f"--status-listen {self['status-listen']!r}: expected an endpoint such as "
+                    "tcp:9090:interface=127.0.0.1"
+                )
+        if self["role"] == "worker" and (
+            self["allowed-origin"] or (self["token-file"] and self["status-listen"] is None)
+        ):
+            raise usage.UsageError(
+                "--token-file and --allowed-origin are for the gateway (--role=gateway or "
+                "all); a pool takes --token-file only with --status-listen"
+            )
 
     def pool_config(self, listen: str) -> PoolConfig:
         """:return: the worker pool's configuration from these options."""
@@ -433,7 +458,16 @@ def makeService(options: Options) -> IService:
     ExitZeroOnSigterm().setServiceParent(top)
     role = options["role"]
     if role == "worker":
-        WorkerPoolService(options.pool_config(options["listen"])).setServiceParent(top)
+        workers = WorkerPoolService(options.pool_config(options["listen"]))
+        workers.setServiceParent(top)
+        if options["status-listen"] is not None:
+            # Imported here: prometheus_client costs a pool without it its start time.
+            from taskoffload.access import GatewayAccess
+            from taskoffload.pool_status import PoolStatusService
+
+            PoolStatusService(
+                options["status-listen"], workers.status, GatewayAccess(token=options["token"])
+            ).setServiceParent(top)
         return top
     # Imported here: Autobahn and prometheus_client cost the worker role's start
     # a tenth of a second for nothing.
