@@ -7,9 +7,8 @@ worker slot it is about, to the fork servers, or to the log.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Final, Protocol, get_args
+from typing import Protocol
 
-import orjson
 from twisted.logger import Logger, LogLevel
 
 from taskoffload.events import (
@@ -26,6 +25,7 @@ from taskoffload.events import (
     Serving,
     Stats,
     Stopped,
+    UnknownEvent,
     decode,
 )
 from taskoffload.forkserver_client import ForkServerClient, ForkServerProtocol
@@ -37,7 +37,6 @@ _log = Logger(namespace="taskoffload.supervisor")
 _worker_log = Logger(namespace="taskoffload.worker")
 
 #: The ``event`` field of every kind of event the schema has (and the router routes).
-_KINDS: Final = frozenset(cls.kind for cls in get_args(Event))
 
 
 class WorkerEvents(Protocol):
@@ -88,8 +87,11 @@ class EventRouter:
         except NotAnEvent:
             log_raw_output(line)
             return
+        except UnknownEvent as e:
+            _log.warn("Unknown event from the pool: {event!r}", event=e.document)
+            return
         except BadEvent:
-            self._undecodable(line)
+            _log.failure("Bad event from the pool: {line!r}", line=line)
             return
         try:
             self._route(event, source)
@@ -97,16 +99,6 @@ class EventRouter:
             # Fields of the wrong type, or a life no process can have (a pid of
             # null): logged, and the pipe carries on.
             _log.failure("Bad event from the pool: {line!r}", line=line)
-
-    def _undecodable(self, line: bytes) -> None:
-        # decode() read a JSON object with an "event" field: an unknown kind, or a
-        # known one with fields that do not fit it.
-        document = orjson.loads(line)
-        kind = document["event"]
-        if isinstance(kind, str) and kind in _KINDS:
-            _log.failure("Bad event from the pool: {line!r}", line=line)
-        else:
-            _log.warn("Unknown event from the pool: {event!r}", event=document)
 
     def _route(self, event: Event, source: ForkServerProtocol | None) -> None:
         match event:

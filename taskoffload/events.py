@@ -33,6 +33,7 @@ __all__ = [
     "Serving",
     "Stats",
     "Stopped",
+    "UnknownEvent",
     "decode",
     "encode",
 ]
@@ -44,6 +45,18 @@ class NotAnEvent(ValueError):
 
 class BadEvent(ValueError):
     """A line from the pool is an event, but not one of this schema."""
+
+
+class UnknownEvent(BadEvent):
+    """
+    A line from the pool is an event of a kind this schema does not have.
+
+    :ivar document: the event as read.
+    """
+
+    def __init__(self, message: str, document: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.document = document
 
 
 @attrs.frozen(kw_only=True)
@@ -163,7 +176,8 @@ def decode(line: bytes) -> Event:
     """
     :param line: one line from the pipe, with or without its delimiter.
     :raises NotAnEvent: if ``line`` is not a JSON object with an ``"event"`` field.
-    :raises BadEvent: if it names no known kind, or its fields do not fit that kind.
+    :raises UnknownEvent: if it names no known kind.
+    :raises BadEvent: if its fields do not fit its kind.
     """
     try:
         document: Any = orjson.loads(line)
@@ -174,7 +188,7 @@ def decode(line: bytes) -> Event:
     kind = document.pop("event")
     cls = _KINDS.get(kind) if isinstance(kind, str) else None
     if cls is None:
-        raise BadEvent(f"unknown event kind {kind!r}")
+        raise UnknownEvent(f"unknown event kind {kind!r}", {"event": kind, **document})
     try:
         return cls(**document)
     except TypeError as e:

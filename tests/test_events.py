@@ -62,6 +62,17 @@ def test_an_event_off_the_schema_is_bad(line: bytes) -> None:
         events.decode(line)
 
 
+def test_an_unknown_kind_is_told_apart_with_what_was_read() -> None:
+    """An unknown kind is an UnknownEvent carrying the event as read; a known kind
+    whose fields do not fit is a BadEvent, but not an UnknownEvent."""
+    with pytest.raises(events.UnknownEvent) as unknown:
+        events.decode(b'{"event": "hatched", "index": 0, "pid": 1}')
+    assert unknown.value.document == {"event": "hatched", "index": 0, "pid": 1}
+    with pytest.raises(events.BadEvent) as bad:
+        events.decode(b'{"event": "serving", "index": 0}')
+    assert not isinstance(bad.value, events.UnknownEvent)
+
+
 def read_lines(fd: int) -> list[bytes]:
     os.set_blocking(fd, False)
     data = b""

@@ -88,8 +88,12 @@ def test_service_binds_in_privileged_start_and_stops() -> None:
     assert (port, interface) == (9090, "127.0.0.1")
     assert isinstance(factory, Site)
     service.startService()
-    assert service.port is not None
+    [(port, _, _, _)] = reactor.tcpServers
+    assert service.port is not None and service.port.getHost().port == port
+    stopped: list[bool] = []
+    service.port.stopListening = lambda: stopped.append(True)  # type: ignore[method-assign]  # a recorder
     service.stopService()
+    assert stopped == [True]
     assert service.port is None
 
 

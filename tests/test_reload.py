@@ -153,8 +153,10 @@ def test_a_fresh_fork_server_that_exits_aborts_the_reload() -> None:
     """A fresh fork server that exits before it is ready aborts the reload."""
     pool = Pool()
     pool.reload.start()
+    # The reload started a second fork server, and that is the one that exits.
+    [_, spawned] = pool.processes.spawned
     fresh = pool.fork_servers.fresh
-    assert fresh is not None
+    assert fresh is spawned.protocol
     with capturedLogs() as events:
         fresh.processEnded(Failure(ProcessTerminated(1)))
     assert formatEvent(events[0]).startswith("Reload aborted: the new fork server exited")
