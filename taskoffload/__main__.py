@@ -416,6 +416,17 @@ def format_status(document: Mapping[str, Any], source: str = "") -> str:
     pool = document.get("pool")
     lines = [f"taskoffload status{f' - {source}' if source else ''}", ""]
     lines += [_gateway_line(gateway), _pool_line(pool)]
+    lanes = (pool or {}).get("lanes") or {}
+    if len(lanes) > 1:
+        waiting = gateway.get("lanes") or {}
+        lines.append(
+            "Lanes    "
+            + "   ".join(
+                f"{name} {_cell(lane.get('serving'))}/{_cell(lane.get('count'))}"
+                + (f" ({waiting[name].get('waiting', 0)} waiting)" if name in waiting else "")
+                for name, lane in lanes.items()
+            )
+        )
     workers = pool.get("workers") if pool is not None else None
     if workers:
         lines += ["", *_worker_table(workers)]

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from twisted.internet.defer import Deferred, TimeoutError
-from twisted.internet.interfaces import IReactorFDSet, IReadDescriptor
+from twisted.internet.interfaces import IDelayedCall, IReactorFDSet, IReadDescriptor
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger, globalLogBeginner
 from twisted.python.failure import Failure
@@ -50,6 +50,10 @@ CLOSE_TIMEOUT = 2.0
 
 #: Seconds between two looks at whether the worker's counts changed.
 STATS_INTERVAL = 1.0
+
+#: Least seconds between two reports of the worker's busy count when it changes
+#: (a balancer's agent check reads it; see :mod:`taskoffload.agent`).
+BUSY_INTERVAL = 0.25
 
 
 @implementer(IReadDescriptor)
@@ -213,7 +217,10 @@ class WorkerProcess:
         self.stopping = False
         self._factory: TaskServerFactory | None = None
         self._acceptor: SharedSocketAcceptor | None = None
-        self._last_stats: tuple[int, float] | None = None
+        # The last report's (tasks done, memory, busy), and when it was sent.
+        self._last_stats: tuple[int, float, int] | None = None
+        self._stats_sent_at = 0.0
+        self._busy_report: IDelayedCall | None = None
 
     @classmethod
     def install(cls, config: PoolConfig, index: int, events: EventWriter) -> WorkerProcess:
@@ -243,10 +250,10 @@ class WorkerProcess:
         factory = TaskServerFactory(
             registry,
             self.reactor,
-            WorkerSettings.from_config(self.config, worker_id=os.getpid()),
+            WorkerSettings.from_config(self.config, worker_id=os.getpid(), index=self.index),
             sync_deadlines=deadlines,
             capacity_changed=self.capacity_changed,
-            after_task=self.recycle_if_due,
+            after_task=self.task_ended,
         )
         self.serve(factory, SharedSocketAcceptor(self.reactor, listening, factory))
 
@@ -264,6 +271,12 @@ class WorkerProcess:
         """The task server gained or lost room for a connection: tell the acceptor."""
         if self._acceptor is not None:
             self._acceptor.set_capacity(has_capacity)
+        self.busy_changed()
+
+    def task_ended(self) -> None:
+        """After a task: report the busy count if it changed, and recycle if due."""
+        self.busy_changed()
+        self.recycle_if_due()
 
     def run(self, lifeline_fd: int) -> None:
         """
@@ -328,12 +341,47 @@ class WorkerProcess:
         """Send the supervisor this worker's counts if they changed since the last report."""
         # What `status` shows per worker.
         factory, _ = self._server()
-        stats = (factory.tasks_done, round(self._memory(), 1))
+        self._send_stats(factory, round(self._memory(), 1))
+
+    def _send_stats(self, factory: TaskServerFactory, rss_mib: float) -> None:
+        stats = (factory.tasks_done, rss_mib, factory.busy_connections)
         if stats != self._last_stats:
             self._last_stats = stats
+            self._stats_sent_at = self.reactor.seconds()
             self.events.send(
-                Stats(index=self.index, pid=self.events.pid, tasks_done=stats[0], rss_mib=stats[1])
+                Stats(
+                    index=self.index,
+                    pid=self.events.pid,
+                    tasks_done=stats[0],
+                    rss_mib=stats[1],
+                    busy=stats[2],
+                )
             )
+
+    def busy_changed(self) -> None:
+        """
+        The task server's capacity changed, or a task ended: if its busy count
+        differs from the last report's, report it now, or, if the last report is
+        younger than :data:`BUSY_INTERVAL`, once it is that old (with the count
+        then, and only if that still differs).  A busy count that rises without
+        reaching the concurrency limit goes with the next :meth:`report_stats`.
+        """
+        factory, last = self._factory, self._last_stats
+        if factory is None or last is None or self._busy_report is not None:
+            return
+        if factory.busy_connections == last[2]:
+            return  # the hot path: a task ended, the count is as reported
+        delay = self._stats_sent_at + BUSY_INTERVAL - self.reactor.seconds()
+        if delay > 0:
+            self._busy_report = self.reactor.callLater(delay, self._busy_report_due)
+        else:
+            self._send_stats(factory, last[1])
+
+    def _busy_report_due(self) -> None:
+        self._busy_report = None
+        factory, last = self._factory, self._last_stats
+        if factory is not None and last is not None and factory.busy_connections != last[2]:
+            self._send_stats(factory, last[1])
 
     def graceful_stop(self) -> Deferred[None]:
         """
@@ -375,7 +423,7 @@ def run_worker(
     :param config: the pool's configuration, as the fork server read it.
     :param index: this worker's slot number, for logs.
     :param events_fd: the pipe to the supervisor.
-    :param listen_fd: the shared listening socket.
+    :param listen_fd: the shared listening socket of the worker's lane.
     :param lifeline_fd: a pipe that reads end-of-file when the supervisor is gone.
     """
     process = WorkerProcess.install(config, index, EventWriter(events_fd, index))

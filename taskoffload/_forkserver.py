@@ -15,7 +15,8 @@ It runs no reactor (a forked child must start with none), just a ``select`` loop
 
 Events go to the supervisor on fd 1, one JSON line per write.  fd 2 is the
 supervisor's raw log of anything written to standard error; fd 3 is the shared
-listening socket, which the fork server never touches but passes to its children.
+listening socket, which the fork server never touches but passes to its children,
+and fds 5 and up are the listening sockets of the pool's lanes, in order.
 """
 
 from __future__ import annotations
@@ -38,6 +39,15 @@ from taskoffload.events import EventWriter, Exited, Failed, Forked, Ready
 
 LISTEN_FD = 3
 LIFELINE_FD = 4
+#: The listening socket of the pool's first lane; each next lane's is the next fd.
+FIRST_LANE_FD = 5
+
+
+def listen_fd(config: PoolConfig, index: int) -> int:
+    """:return: the fd of the listening socket worker slot ``index`` serves."""
+    position = config.lane_of_slot(index)
+    return LISTEN_FD if position is None else FIRST_LANE_FD + position
+
 
 _PR_SET_PDEATHSIG = 1
 
@@ -102,7 +112,7 @@ def _warm_up(config: PoolConfig) -> None:
     import taskoffload.worker  # noqa: F401
     from taskoffload.registry import load_tasks
 
-    load_tasks(config.tasks)
+    load_tasks(config.tasks).check_lanes(lane.name for lane in config.lanes)
     if "twisted.internet.reactor" in sys.modules:
         raise RuntimeError(
             "a task module imported twisted.internet.reactor at import time; import it "
@@ -287,7 +297,7 @@ class ForkServer:
                 os._exit(1)
             from taskoffload._child import run_worker
 
-            run_worker(self._config, index, events_fd, LISTEN_FD, LIFELINE_FD)
+            run_worker(self._config, index, events_fd, listen_fd(self._config, index), LIFELINE_FD)
         except BaseException:
             try:
                 os.write(2, traceback.format_exc().encode("utf-8", "replace"))

@@ -19,6 +19,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from taskoffload import wire
 from taskoffload.errors import TaskError
+from taskoffload.lanes import DEFAULT_LANE
 
 __all__ = [
     "ON_PROGRESS_RAISED",
@@ -134,6 +135,7 @@ class Call:
     :ivar carrier: the connection it is on, while sent or abandoned.
     :ivar deadline: the reactor time its timeout ends, if it has one.
     :ivar retried: sent a second time after its first connection was lost.
+    :ivar lane: the lane whose line and connections it is on.
     """
 
     __slots__ = (
@@ -148,6 +150,7 @@ class Call:
         "function",
         "id",
         "kwargs",
+        "lane",
         "on_progress",
         "retried",
         "timeout",
@@ -177,6 +180,7 @@ class Call:
         self._answered = False
         self.carrier: Carrier | None = None
         self.retried = False
+        self.lane = DEFAULT_LANE
 
     @property
     def state(self) -> CallState:
@@ -302,6 +306,18 @@ class WaitingLine:
             self._left()
             return call
         return None
+
+    def take_where(self, predicate: Callable[[Call], bool]) -> list[Call]:
+        """
+        Take every waiting call ``predicate`` holds true of out of the line, in
+        order; they are still queued, for the taker to put elsewhere.
+        """
+        taken = [c for c in self._calls if c.state is CallState.QUEUED and predicate(c)]
+        if taken:
+            chosen = set(map(id, taken))
+            self._calls = deque(c for c in self._calls if id(c) not in chosen)
+            self._waiting -= len(taken)
+        return taken
 
     def withdraw(self, call: Call) -> None:
         """Finish a waiting call that gives up; its caller is to be answered."""

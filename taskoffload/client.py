@@ -34,8 +34,8 @@ from taskoffload.connections import TaskClientProtocol
 from taskoffload.defaults import DEFAULT_POOL
 from taskoffload.errors import TaskError
 from taskoffload.interfaces import ITaskPool
-from taskoffload.sending import Sender
-from taskoffload.targets import CONNECT_BACKOFF, PoolAddress, Targets
+from taskoffload.routing import LaneRouter
+from taskoffload.targets import CONNECT_BACKOFF, PoolAddress, parse_lane_address
 
 __all__ = [
     "CONNECT_BACKOFF",
@@ -86,11 +86,14 @@ class TaskClient:
 
     :param reactor: provides ``IReactorTime`` and ``IReactorTCP``, and
         ``IReactorUNIX`` for ``unix:`` addresses.
-    :param addresses: pool addresses, see :class:`PoolAddress`.
+    :param addresses: pool addresses, see :class:`PoolAddress`; at least one
+        names no lane.  ``"LANE=ADDRESS"`` sends the calls of lane ``LANE`` to
+        ADDRESS instead of where the pools say that lane listens.
     :param idle_timeout: seconds an unused connection stays open.
     :param timeout: the default seconds to wait for a result, or ``None`` to wait
         as long as it takes.
-    :param max_connections: bound on open and opening connections together.
+    :param max_connections: bound on open and opening connections together,
+        on each lane.
     :param max_message: longest reply line accepted, in bytes.
     :param connect_timeout: seconds a connection attempt may take.
     :param secret: the pools' shared secret, if they ask for one (an HMAC
@@ -138,11 +141,10 @@ class TaskClient:
         self._reactor = reactor
         self._timeout = timeout
         self._prefetch = prefetch
-        self._targets = Targets(reactor, [PoolAddress.parse(text) for text in addresses])
         self._ids = itertools.count(1)
-        self._sender = Sender(
+        self._lanes = LaneRouter(
             reactor,
-            self._targets,
+            [parse_lane_address(text) for text in addresses],
             self.log,
             idle_timeout=idle_timeout,
             max_connections=max_connections,
@@ -195,7 +197,7 @@ class TaskClient:
         check_timeout(timeout)
         if timeout is None:
             timeout = self._timeout
-        if self._sender.closed:
+        if self._lanes.closed:
             return defer.fail(TaskError(wire.WORKER_LOST, "client closed"))
         call = Call(
             next(self._ids),
@@ -204,26 +206,35 @@ class TaskClient:
             dict(kwargs) if kwargs else {},
             timeout,
             on_progress,
-            self._sender.give_up,
+            self._lanes.give_up,
         )
         call.start_timer(self._reactor)
-        self._sender.submit(call)
+        self._lanes.submit(call)
         return call.deferred
 
-    def slots(self) -> int | None:
+    def slots(self, lane: str | None = None) -> int | None:
         """
-        :return: how many tasks the pools run at once, as they said when they
-            accepted a connection; ``None`` before any has.
+        :param lane: a lane's name, or ``None`` for all of them.
+        :return: how many tasks the pools run at once on ``lane``, as they said
+            when they accepted a connection; ``None`` before any has.
         """
-        return self._targets.slots()
+        return self._lanes.slots(lane)
 
-    def capacity(self) -> int | None:
+    def capacity(self, lane: str | None = None) -> int | None:
         """
-        :return: how many calls the pools take at once before calls wait in this
-            client: their slots, times one more than ``prefetch``; ``None``
-            before any pool has said how many slots it has.
+        :param lane: a lane's name, or ``None`` for all of them.
+        :return: how many calls the pools take at once on ``lane`` before calls
+            wait in this client: their slots, times one more than ``prefetch``;
+            ``None`` before any pool has said how many slots it has.
         """
-        return pool_capacity(self.slots(), self._prefetch)
+        return pool_capacity(self.slots(lane), self._prefetch)
+
+    def lane_of(self, function: str) -> str:
+        """
+        :return: the lane ``function`` runs on, as the pool last said
+            (``"default"`` until it has).
+        """
+        return self._lanes.lane_of(function)
 
     # Lifecycle
 
@@ -234,4 +245,4 @@ class TaskClient:
 
         :return: a Deferred that fires when every connection is gone.
         """
-        return self._sender.close()
+        return self._lanes.close()

@@ -12,6 +12,7 @@ import orjson
 
 from taskoffload import wire
 from taskoffload.defaults import DEFAULT_POOL_LISTEN, IDLE_TIMEOUT, STOP_TIMEOUT
+from taskoffload.lanes import DEFAULT_LANE, Lane, LaneInfo
 
 __all__ = ["PoolConfig"]
 
@@ -48,6 +49,36 @@ class PoolConfig:
     #: Where the workers import from, ahead of their own ``sys.path``: what
     #: :meth:`from_json` read; :meth:`to_json` sends the sending process's path.
     import_path: tuple[str, ...] = ()
+    #: Lanes reserving some of the ``count`` workers for their tasks; the others
+    #: serve the default lane.
+    lanes: tuple[Lane, ...] = ()
+
+    @property
+    def default_count(self) -> int:
+        """The workers of the default lane: those no lane reserves."""
+        return self.count - sum(lane.count for lane in self.lanes)
+
+    def lane_of_slot(self, index: int) -> int | None:
+        """
+        :return: which of :attr:`lanes` worker slot ``index`` serves, or ``None``
+            for the default lane.  The default lane's slots come first, then each
+            lane's, in order.
+        """
+        first = self.default_count
+        for position, lane in enumerate(self.lanes):
+            if first <= index < first + lane.count:
+                return position
+            first += lane.count
+        return None
+
+    def lane_name(self, index: int) -> str:
+        """:return: the name of the lane worker slot ``index`` serves."""
+        position = self.lane_of_slot(index)
+        return DEFAULT_LANE if position is None else self.lanes[position].name
+
+    def lane_infos(self) -> tuple[LaneInfo, ...]:
+        """:return: what workers tell clients of the pool's lanes (not the default)."""
+        return tuple(lane.info(self.concurrency) for lane in self.lanes)
 
     def to_json(self) -> bytes:
         """The configuration line sent to the fork server."""
@@ -67,6 +98,7 @@ class PoolConfig:
                     "secret": self.secret.hex() if self.secret is not None else None,
                     "env": self.env,
                     "path": [p for p in sys.path if p],
+                    "lanes": [attrs.asdict(lane) for lane in self.lanes],
                 }
             )
             + b"\n"
@@ -99,6 +131,7 @@ class PoolConfig:
                 kill_grace=float(read["kill_grace"]),
                 secret=bytes.fromhex(secret) if secret else None,
                 import_path=tuple(read.get("path") or ()),
+                lanes=tuple(Lane(**lane) for lane in read.get("lanes") or ()),
             )
         except (KeyError, TypeError) as e:
             raise ValueError(f"the configuration line lacks or garbles a field: {e}") from None

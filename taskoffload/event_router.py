@@ -137,7 +137,8 @@ class EventRouter:
         match event:
             case Stats():
                 rss = event.rss_mib
-                slot.stats(int(event.tasks_done), float(rss) if rss is not None else None)
+                rss_mib = float(rss) if rss is not None else None
+                slot.stats(int(event.tasks_done), rss_mib, int(event.busy))
             case Deadline():
                 slot.deadline(event.kill_at)
             case Recycling():

@@ -111,11 +111,17 @@ class Serving(_Event):
 
 @attrs.frozen(kw_only=True)
 class Stats(_Event):
-    """A worker's counts, sent when they change (at most once a second)."""
+    """
+    A worker's counts, sent when they change: at most once a second for its task
+    count and memory, and sooner for ``busy``, its task slots taken (tasks queued
+    or running, or a connection about to bring one): see
+    :meth:`~taskoffload._child.WorkerProcess.busy_changed`.
+    """
 
     kind: ClassVar[str] = "stats"
     tasks_done: int = 0
     rss_mib: float | None = None
+    busy: int = 0
 
 
 @attrs.frozen(kw_only=True)

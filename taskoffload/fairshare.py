@@ -21,7 +21,7 @@ from taskoffload.calls import cancelled_error
 from taskoffload.errors import TaskError
 from taskoffload.interfaces import ITaskPool
 
-__all__ = ["FIRST_SHARE", "ClientLine", "FairShare"]
+__all__ = ["FIRST_SHARE", "ClientLanes", "ClientLine", "FairShare", "LaneShares"]
 
 #: The pool slots assumed until the pool says how many it has.
 FIRST_SHARE = 16
@@ -33,11 +33,14 @@ class FairShare:
 
     :param pool: where the calls run.
     :param clock: for the deadlines of calls still waiting for their share.
+    :param lane: the lane whose capacity is shared, or ``None`` for the pool's
+        whole capacity.
     """
 
-    def __init__(self, pool: ITaskPool, clock: IReactorTime) -> None:
+    def __init__(self, pool: ITaskPool, clock: IReactorTime, lane: str | None = None) -> None:
         self.pool = pool
         self.clock = clock
+        self.lane = lane
         #: Clients with calls waiting or running, among which the pool is shared.
         self.active: set[ClientLine] = set()
         #: Of those, the clients with calls waiting beyond their share.
@@ -57,7 +60,9 @@ class FairShare:
         # What the pool takes at once: its slots, or more if it prefetches.  Until
         # the pool has said, assume a small one: the first burst must not all
         # queue ahead of everyone else.
-        total = self.pool.capacity() or FIRST_SHARE
+        total = (self.pool.capacity(self.lane) if self.lane else self.pool.capacity()) or (
+            FIRST_SHARE
+        )
         return max(1, -(-total // max(1, len(self.active))))
 
     def admit_held(self) -> None:
@@ -139,6 +144,16 @@ class ClientLine:
         self._admit()
         return d
 
+    @property
+    def waiting(self) -> int:
+        """This client's calls waiting here for its share."""
+        return len(self._waiting)
+
+    @property
+    def submitted(self) -> int:
+        """This client's calls at the pool."""
+        return self._submitted
+
     def admit(self) -> None:
         """Hand the pool what waiting calls this client's share allows."""
         if self._open:
@@ -218,3 +233,76 @@ class ClientLine:
             if not ticket.outcome.called:
                 ticket.outcome.errback(error)
             self._update_sharing()
+
+
+class LaneShares:
+    """
+    One :class:`FairShare` per lane of the pool: a burst on one lane waits
+    behind itself there, and never delays another lane's calls.
+
+    :param pool: where the calls run; it says which lane each task is on.
+    :param clock: for the deadlines of calls still waiting for their share.
+    """
+
+    def __init__(self, pool: ITaskPool, clock: IReactorTime) -> None:
+        self.pool = pool
+        self.clock = clock
+        #: Each lane's share, made when a call first goes to it.
+        self.lanes: dict[str, FairShare] = {}
+
+    def lane(self, name: str) -> FairShare:
+        """:return: the share of lane ``name``."""
+        share = self.lanes.get(name)
+        if share is None:
+            share = self.lanes[name] = FairShare(self.pool, self.clock, name)
+        return share
+
+    def client(self) -> ClientLanes:
+        """:return: the lines of one new client, one per lane it calls."""
+        return ClientLanes(self)
+
+    def status(self) -> dict[str, dict[str, Any]]:
+        """
+        :return: for each lane called so far: its ``slots`` as the pool said,
+            the calls ``waiting`` here for their share, and those ``at_pool``.
+        """
+        return {
+            name: {
+                "slots": self.pool.slots(name),
+                "waiting": sum(line.waiting for line in share.active),
+                "at_pool": sum(line.submitted for line in share.active),
+            }
+            for name, share in sorted(self.lanes.items())
+        }
+
+
+class ClientLanes:
+    """
+    One client's calls, in a :class:`ClientLine` per lane.
+
+    :param shares: the pool's lanes, divided among the clients.
+    """
+
+    def __init__(self, shares: LaneShares) -> None:
+        self._shares = shares
+        self._lines: dict[str, ClientLine] = {}
+
+    def call(
+        self,
+        function: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        timeout: float | None,
+        on_progress: Callable[[Any], None] | None,
+    ) -> Deferred[Any]:
+        """See :meth:`ClientLine.call`: on the line of ``function``'s lane."""
+        lane = self._shares.pool.lane_of(function)
+        line = self._lines.get(lane)
+        if line is None:
+            line = self._lines[lane] = self._shares.lane(lane).client()
+        return line.call(function, args, kwargs, timeout, on_progress)
+
+    def close(self) -> None:
+        """The client has gone: it no longer shares any lane."""
+        for line in self._lines.values():
+            line.close()

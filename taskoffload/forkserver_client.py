@@ -13,6 +13,7 @@ being replaced, closed when the reload completes.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Protocol
 
 import orjson
@@ -135,14 +136,26 @@ class ForkServerClient:
         self._watcher: FreshCodeWatcher | None = None
         self.old: list[ForkServerProtocol] = []
         self._listen_fd: int | None = None
+        self._lane_fds: tuple[int, ...] = ()
         self._stopping = False
         self._delay = 0.0
         self._restart: IDelayedCall | None = None
 
-    def start(self, listen_fd: int) -> None:
-        """Spawn the first fork server, passing it the listening socket ``listen_fd``."""
+    def start(
+        self, listen_fd: int, lane_fds: Sequence[int] = (), config: PoolConfig | None = None
+    ) -> None:
+        """
+        Spawn the first fork server, passing it the listening socket ``listen_fd``
+        and those of the pool's lanes, ``lane_fds``.
+
+        :param config: the pool's configuration as bound (where its lanes
+            listen), if it changed since this client was made.
+        """
+        if config is not None:
+            self._config = config
         self._stopping = False
         self._listen_fd = listen_fd
+        self._lane_fds = tuple(lane_fds)
         self.spawn()
 
     def spawn(self, fresh: FreshCodeWatcher | None = None) -> None:
@@ -162,7 +175,9 @@ class ForkServerClient:
             self.fresh, self._watcher = protocol, fresh
         else:
             self.current = protocol
-        transport = self._processes.spawn_fork_server(protocol, self._listen_fd, lifeline_r)
+        transport = self._processes.spawn_fork_server(
+            protocol, self._listen_fd, lifeline_r, self._lane_fds
+        )
         os.close(lifeline_r)
         transport.write(self._config.to_json())
 

@@ -21,7 +21,8 @@ from zope.interface import implementer
 from taskoffload._transport import write_now
 from taskoffload.access import GatewayAccess
 from taskoffload.defaults import AUTO_PING
-from taskoffload.fairshare import FairShare
+from taskoffload.fairshare import LaneShares
+from taskoffload.ingest import FairIngest
 from taskoffload.interfaces import ITaskPool
 from taskoffload.session import GatewayLimits, GatewaySession
 from taskoffload.stats import GatewayStats
@@ -45,12 +46,28 @@ class _ReadPauser:
 
     def __init__(self, transport: Any) -> None:
         self._transport = transport
+        #: Why reading is paused: the client's replies fill the write buffer
+        #: (``"writes"``), its messages wait for their turn (``"ingest"``).
+        self._why: set[str] = set()
+
+    def pause(self, why: str) -> None:
+        """Stop reading, for ``why``."""
+        if not self._why:
+            self._transport.pauseProducing()
+        self._why.add(why)
+
+    def resume(self, why: str) -> None:
+        """Read again, unless paused for another reason too."""
+        if why in self._why:
+            self._why.discard(why)
+            if not self._why:
+                self._transport.resumeProducing()
 
     def pauseProducing(self) -> None:
-        self._transport.pauseProducing()
+        self.pause("writes")
 
     def resumeProducing(self) -> None:
-        self._transport.resumeProducing()
+        self.resume("writes")
 
     def stopProducing(self) -> None:
         pass
@@ -62,6 +79,7 @@ class GatewayProtocol(WebSocketServerProtocol):
     factory: GatewayFactory
     #: From the opening handshake on.
     _session: GatewaySession | None = None
+    _pauser: _ReadPauser | None = None
 
     def onConnect(self, request: ConnectionRequest) -> None:
         refusal = self.factory.access.refusal(request.headers, request.params)
@@ -72,7 +90,7 @@ class GatewayProtocol(WebSocketServerProtocol):
     def onOpen(self) -> None:
         self._session = self.factory.session(self._send_reply)
         transport: Any = self.transport
-        pauser = _ReadPauser(transport)
+        self._pauser = pauser = _ReadPauser(transport)
         try:
             transport.registerProducer(pauser, True)
         except RuntimeError:
@@ -83,12 +101,25 @@ class GatewayProtocol(WebSocketServerProtocol):
             transport.registerProducer(pauser, True)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self.factory.ingest.forget(self)
         if self._session is not None:
             self._session.close()
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        if self._session is not None:
-            self._session.received(payload, isBinary)
+        session = self._session
+        if session is not None:
+            # Its turn among the connections' messages (see taskoffload.ingest).
+            self.factory.ingest.received(self, lambda: session.received(payload, isBinary))
+
+    def pause_reading(self) -> None:
+        """Its messages wait for their turn: read no more of them for now."""
+        if self._pauser is not None:
+            self._pauser.pause("ingest")
+
+    def resume_reading(self) -> None:
+        """Its waiting messages have been handled: read again."""
+        if self._pauser is not None:
+            self._pauser.resume("ingest")
 
     def _fail_connection(self, code: int = 1001, reason: str = "going away") -> None:
         # Autobahn fails a connection whose frame or message is over the limit
@@ -148,7 +179,9 @@ class GatewayFactory(WebSocketServerFactory):
         self.limits = limits or GatewayLimits()
         self.stats = stats or GatewayStats()
         #: The pool, divided among the clients.
-        self.fair_share = FairShare(pool, clock)
+        self.fair_share = LaneShares(pool, clock)
+        #: The clients' messages, a bounded number per reactor turn.
+        self.ingest = FairIngest(clock)
         self.setProtocolOptions(
             maxMessagePayloadSize=self.limits.max_message,
             maxFramePayloadSize=self.limits.max_message,

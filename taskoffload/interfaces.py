@@ -46,18 +46,26 @@ class ITaskPool(Interface):
             :class:`TaskError`; cancelling it cancels the task.
         """
 
-    def slots() -> int | None:
+    def slots(lane: str | None = None) -> int | None:
         """
-        :return: how many tasks the pool runs at once (its workers times their
-            concurrency), or ``None`` while the pool has not said.
+        :param lane: a lane's name, or ``None`` for every lane.
+        :return: how many tasks the pool runs at once on ``lane`` (its workers
+            times their concurrency), or ``None`` while the pool has not said.
         """
 
-    def capacity() -> int | None:
+    def capacity(lane: str | None = None) -> int | None:
         """
-        :return: how many calls the pool takes at once before further calls wait
-            in line on the caller's side: its :meth:`slots`, plus what it sends
-            ahead to busy workers; ``None`` while the pool has not said.  The
-            gateway divides this among its clients (its fair share).
+        :param lane: a lane's name, or ``None`` for every lane.
+        :return: how many calls the pool takes at once on ``lane`` before further
+            calls wait in line on the caller's side: its :meth:`slots`, plus what
+            it sends ahead to busy workers; ``None`` while the pool has not said.
+            The gateway divides each lane's among its clients (its fair share).
+        """
+
+    def lane_of(function: str) -> str:
+        """
+        :return: the lane whose workers run ``function``, as far as the pool has
+            said (``"default"`` until it has).
         """
 
     def close() -> Deferred[None]:
@@ -76,7 +84,10 @@ class IProcessControl(Interface):
     """
 
     def spawn_fork_server(
-        protocol: IProcessProtocol, listen_fd: int, lifeline_fd: int
+        protocol: IProcessProtocol,
+        listen_fd: int,
+        lifeline_fd: int,
+        lane_fds: Sequence[int] = (),
     ) -> IProcessTransport:
         """
         Start a fork server: ``python -m taskoffload._forkserver``, its standard
@@ -85,6 +96,8 @@ class IProcessControl(Interface):
         :param listen_fd: the shared listening socket, the fork server's fd 3.
         :param lifeline_fd: the read end of the fork server's lifeline pipe, its
             fd 4 (the caller closes its own copy).
+        :param lane_fds: the listening sockets of the pool's lanes, in order: its
+            fds 5 and up.
         :return: the fork server's process transport, also given to ``protocol``.
         """
 

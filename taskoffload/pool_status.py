@@ -49,6 +49,11 @@ class PoolCollector(Collector):
             ("taskoffload_workers", "Worker processes the pool is configured to run.", "count"),
             ("taskoffload_workers_alive", "Worker processes running.", "alive"),
             ("taskoffload_workers_serving", "Worker processes taking connections.", "serving"),
+            (
+                "taskoffload_workers_busy",
+                "Task slots taken: tasks queued or running, or a connection about to bring one.",
+                "busy",
+            ),
         ]
         for name, documentation, key in gauges:
             yield GaugeMetricFamily(name, documentation, value=status[key])

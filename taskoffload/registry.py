@@ -15,6 +15,7 @@ from typing import Any, TypeVar, overload
 
 import attrs
 
+from taskoffload.lanes import DEFAULT_LANE, check_lane_name
 from taskoffload.wire import BAD_ARGUMENTS, UNKNOWN_FUNCTION, BadMessage
 
 __all__ = ["TaskRegistry", "TaskSpec", "load_tasks", "task"]
@@ -38,6 +39,7 @@ class TaskSpec:
     :ivar timeout: default deadline in seconds, or ``None``.
     :ivar retry: the task is idempotent: it may be sent again if its worker is lost.
     :ivar wants_progress: the function declares a ``progress`` parameter.
+    :ivar lane: the lane whose workers run it.
     """
 
     name: str
@@ -46,6 +48,7 @@ class TaskSpec:
     retry: bool = False
     wants_progress: bool = False
     signature: inspect.Signature | None = attrs.field(default=None, eq=False, repr=False)
+    lane: str = DEFAULT_LANE
 
     def bind(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> inspect.BoundArguments:
         """
@@ -79,7 +82,11 @@ def _describe(signature: inspect.Signature) -> str:
 
 
 def _make_spec(
-    function: Callable[..., Any], name: str | None, timeout: float | None, retry: bool
+    function: Callable[..., Any],
+    name: str | None,
+    timeout: float | None,
+    retry: bool,
+    lane: str = DEFAULT_LANE,
 ) -> TaskSpec:
     signature = inspect.signature(function)
     return TaskSpec(
@@ -89,6 +96,7 @@ def _make_spec(
         retry=retry,
         wants_progress=PROGRESS_PARAMETER in signature.parameters,
         signature=signature,
+        lane=check_lane_name(lane),
     )
 
 
@@ -98,7 +106,11 @@ def task(function: F) -> F: ...
 
 @overload
 def task(
-    *, name: str | None = None, timeout: float | None = None, retry: bool = False
+    *,
+    name: str | None = None,
+    timeout: float | None = None,
+    retry: bool = False,
+    lane: str = DEFAULT_LANE,
 ) -> Callable[[F], F]: ...
 
 
@@ -108,6 +120,7 @@ def task(
     name: str | None = None,
     timeout: float | None = None,
     retry: bool = False,
+    lane: str = DEFAULT_LANE,
 ) -> Any:
     """
     Mark a function as a task, callable by ``name`` (default: its own name).
@@ -120,10 +133,14 @@ def task(
     :param timeout: default deadline in seconds for calls that give none.
     :param retry: the task is idempotent and may be re-sent once to another
         worker if the worker running it dies before replying.
+    :param lane: the lane whose workers run it; the pool must reserve workers
+        for a lane other than ``"default"`` (``--lane NAME=COUNT``).
+    :raises ValueError: if ``lane`` is not a lane name.
     """
+    check_lane_name(lane)
 
     def mark(f: F) -> F:
-        setattr(f, SPEC_ATTRIBUTE, _make_spec(f, name, timeout, retry))
+        setattr(f, SPEC_ATTRIBUTE, _make_spec(f, name, timeout, retry, lane))
         return f
 
     if function is not None:
@@ -149,6 +166,27 @@ class TaskRegistry:
     def names(self) -> list[str]:
         """:return: the registered names, sorted."""
         return sorted(self.tasks)
+
+    def routes(self) -> dict[str, str]:
+        """:return: the lane of each task not on the default lane, by name."""
+        return {name: spec.lane for name, spec in self.tasks.items() if spec.lane != DEFAULT_LANE}
+
+    def check_lanes(self, lanes: Iterable[str]) -> None:
+        """
+        :param lanes: the lanes the pool reserves workers for.
+        :raises ValueError: naming each task on a lane that is not among them.
+        """
+        served = {DEFAULT_LANE, *lanes}
+        stray = sorted(
+            (spec.lane, name) for name, spec in self.tasks.items() if spec.lane not in served
+        )
+        if stray:
+            missing = sorted({lane for lane, _ in stray})
+            named = ", ".join(f"{name} (lane {lane!r})" for lane, name in stray)
+            raise ValueError(
+                f"the pool has no workers for the lane of {named}: start it with "
+                + " ".join(f"--lane {lane}=COUNT" for lane in missing)
+            )
 
     @classmethod
     def from_functions(cls, functions: Iterable[Callable[..., Any]]) -> TaskRegistry:
@@ -178,7 +216,11 @@ class TaskRegistry:
             spec = getattr(f, SPEC_ATTRIBUTE, None)
             if not isinstance(spec, TaskSpec) or spec.name != task_name:
                 spec = _make_spec(
-                    f, task_name, getattr(spec, "timeout", None), getattr(spec, "retry", False)
+                    f,
+                    task_name,
+                    getattr(spec, "timeout", None),
+                    getattr(spec, "retry", False),
+                    getattr(spec, "lane", DEFAULT_LANE),
                 )
             tasks[task_name] = spec
         return cls(tasks)

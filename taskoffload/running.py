@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 from zope.interface import Interface
 
 from taskoffload import wire
+from taskoffload.lanes import DEFAULT_LANE
 from taskoffload.registry import PROGRESS_PARAMETER, TaskRegistry, TaskSpec
 
 __all__ = ["DeadlineExceeded", "ISyncDeadlines", "TaskRunner", "final_reply"]
@@ -54,6 +55,8 @@ class TaskRunner:
         give none.
     :param sync_deadlines: interrupts synchronous tasks at their deadline; without
         it only Deferred-returning tasks are held to one.
+    :param lane: the lane whose tasks it runs; a request for another lane's
+        task is answered with ``wrong_lane``.  ``None``: every lane's.
     :ivar tasks_done: how many tasks have ended, however they ended (one cancelled
         while it waited for a slot included).
     """
@@ -65,8 +68,10 @@ class TaskRunner:
         *,
         task_timeout: float | None = None,
         sync_deadlines: ISyncDeadlines | None = None,
+        lane: str | None = DEFAULT_LANE,
     ) -> None:
         self.registry = registry
+        self.lane = lane
         self.clock = clock
         self.task_timeout = task_timeout
         self._sync_deadlines = sync_deadlines
@@ -95,6 +100,12 @@ class TaskRunner:
         """
         try:
             spec = self.registry.lookup(request.function)
+            if self.lane is not None and spec.lane != self.lane:
+                raise wire.BadMessage(
+                    f"{spec.name} runs on lane {spec.lane!r}, and this worker serves "
+                    f"lane {self.lane!r}: send it to a worker of its lane",
+                    code=wire.WRONG_LANE,
+                )
             bound = spec.bind(request.args, request.kwargs)
         except wire.BadMessage as e:
             return defer.succeed(wire.ErrorReply(id=request.id, code=e.code, message=e.message))

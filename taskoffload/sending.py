@@ -7,6 +7,7 @@ line; and how it gives a call up and closes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -43,6 +44,9 @@ class Sender:
     :param connect_timeout: seconds a connection attempt may take.
     :param secret: the pools' shared secret, if they ask for one.
     :param prefetch: calls that may be sent ahead on each busy connection.
+    :param reroute: called with each call about to go out of the line: if the
+        pool has said since that its task runs on another lane, it moves the
+        call to that lane's line and returns ``True``.
     """
 
     def __init__(
@@ -57,8 +61,10 @@ class Sender:
         connect_timeout: float,
         secret: bytes | None,
         prefetch: int,
+        reroute: Callable[[Call], bool] | None = None,
     ) -> None:
         self._reactor = reactor
+        self._reroute = reroute
         self._targets = targets
         self._log = log
         self._max_connections = max_connections
@@ -88,6 +94,10 @@ class Sender:
             self._line.append(call)
             self.dispatch()
 
+    def take_where(self, predicate: Callable[[Call], bool]) -> list[Call]:
+        """Take the waiting calls ``predicate`` holds true of out of the line (see WaitingLine)."""
+        return self._line.take_where(predicate)
+
     def dispatch(self) -> None:
         """
         Give waiting calls to idle connections, open connections for the rest
@@ -110,6 +120,8 @@ class Sender:
         """Send the oldest waiting call on a free connection, or let it idle."""
         failed: list[tuple[Call, TaskError]] = []
         while (call := self._line.take()) is not None:
+            if self._reroute is not None and self._reroute(call):
+                continue
             error = self._send(connection, call)
             if error is None:
                 break
@@ -163,6 +175,9 @@ class Sender:
             call = self._line.take()
             if call is None:
                 return
+            if self._reroute is not None and self._reroute(call):
+                connections.offer(connection)
+                continue
             error = self._send(connection, call, ahead=True)
             if error is not None:
                 connections.offer(connection)

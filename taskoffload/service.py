@@ -85,6 +85,7 @@ class GatewayService(Service):
         self.client: ITaskPool | None = None
         self.port: IListeningPort | None = None
         self.stats: GatewayStats | None = None
+        self.factory: GatewayFactory | None = None
         # Fires with the listening port, or None if it could not listen.
         self._listening: Deferred[IListeningPort | None] | None = None
 
@@ -110,7 +111,10 @@ class GatewayService(Service):
                 return self.pool_service.status()
             return {"addresses": self._addresses()}
 
-        return status_document(self.stats, pool)
+        document = status_document(self.stats, pool)
+        if self.factory is not None:
+            document["gateway"]["lanes"] = self.factory.fair_share.status()
+        return document
 
     def privilegedStartService(self) -> None:
         """Bind the listening port (before twistd drops privileges, if it does)."""
@@ -136,7 +140,7 @@ class GatewayService(Service):
         )
         metrics = GatewayMetrics(lambda: self.status())
         self.stats = GatewayStats(on_finished=metrics.finished)
-        factory = GatewayFactory(
+        self.factory = factory = GatewayFactory(
             self.client,
             self.reactor,
             self.limits,

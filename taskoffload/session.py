@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 
 from taskoffload import wire
 from taskoffload.errors import TaskError
-from taskoffload.fairshare import FairShare
+from taskoffload.fairshare import FairShare, LaneShares
 from taskoffload.stats import GatewayStats
 
 __all__ = ["GatewayLimits", "GatewaySession"]
@@ -76,7 +76,7 @@ class GatewaySession:
     def __init__(
         self,
         send: Callable[[bytes], object],
-        share: FairShare,
+        share: FairShare | LaneShares,
         stats: GatewayStats,
         limits: GatewayLimits,
         clock: IReactorTime,

@@ -97,6 +97,8 @@ class WorkerSlot:
     :ivar process_tasks: tasks the current process last reported (its final count
         once it stopped).
     :ivar rss_mib: the resident memory the current process last reported.
+    :ivar busy: the task slots the current process last reported taken (tasks
+        queued or running, or a connection about to bring one); 0 without one.
     """
 
     index: int
@@ -116,6 +118,7 @@ class WorkerSlot:
     tasks_done: int = attrs.field(default=0, init=False)
     process_tasks: int = attrs.field(default=0, init=False)
     rss_mib: float | None = attrs.field(default=None, init=False)
+    busy: int = attrs.field(default=0, init=False)
     _restart: IDelayedCall | None = attrs.field(default=None, init=False, repr=False)
     _deadline_kill: IDelayedCall | None = attrs.field(default=None, init=False, repr=False)
 
@@ -139,19 +142,22 @@ class WorkerSlot:
         self._move(SlotState.STARTING)
         self.pid = pid
         self.started = self.clock.seconds()
+        self.busy = 0
 
     def process_serving(self) -> None:
         """The slot's process takes connections."""
         self._move(SlotState.SERVING)
 
-    def stats(self, tasks_done: int, rss_mib: float | None) -> None:
+    def stats(self, tasks_done: int, rss_mib: float | None, busy: int = 0) -> None:
         """The slot's process reports its counts."""
         self.process_tasks = tasks_done
         self.rss_mib = rss_mib
+        self.busy = busy
 
     def final_count(self, tasks_done: int) -> None:
         """The slot's process has stopped serving: its final count, added once it exits."""
         self.process_tasks = tasks_done
+        self.busy = 0
 
     def recycling(self, reason: str) -> None:
         """The slot's process replaces itself: its exit is planned."""
@@ -213,6 +219,7 @@ class WorkerSlot:
         """
         self._move(SlotState.DOWN)
         self.pid = None
+        self.busy = 0
 
     def cancel_restart(self) -> None:
         """Drop a restart that waits for its delay (the pool is stopping)."""
@@ -237,6 +244,7 @@ class WorkerSlot:
         self.tasks_done += self.process_tasks
         self.process_tasks = 0
         self.rss_mib = None
+        self.busy = 0
         pid, self.pid = self.pid, None
         self._move(SlotState.DOWN)
         self._cancel_deadline_kill()
@@ -299,4 +307,5 @@ class WorkerSlot:
             "recycled": self.recycled,
             "tasks_done": self.tasks_done + self.process_tasks,
             "rss_mib": self.rss_mib,
+            "busy": self.busy,
         }

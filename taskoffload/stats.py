@@ -14,6 +14,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 from prometheus_client import Counter as PrometheusCounter
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from taskoffload import wire
 
@@ -176,6 +178,7 @@ class GatewayMetrics:
         def pool() -> dict[str, Any]:
             return stats_source().get("pool") or {}
 
+        self.registry.register(LaneCollector(stats_source))
         clients.set_function(lambda: gateway().get("clients", 0))
         inflight.set_function(lambda: gateway().get("inflight", 0))
         workers.set_function(lambda: pool().get("serving", 0))
@@ -192,3 +195,63 @@ class GatewayMetrics:
         counter.inc()
         if outcome != "overloaded":
             self.latency.observe(seconds)
+
+
+class LaneCollector(Collector):
+    """
+    The gauges of each lane, from the ``/status`` document: what the gateway
+    holds of it (``gateway.lanes``) and, with the pool in the same process tree
+    or on its own ``/status``, its workers (``pool.lanes``).  One label, the
+    lane, whose values are the pool's lanes: bounded.
+
+    :param stats_source: returns the ``/status`` document.
+    """
+
+    def __init__(self, stats_source: Callable[[], dict[str, Any]]) -> None:
+        self._source = stats_source
+
+    def collect(self) -> Iterable[Metric]:
+        document = self._source()
+        gateway = (document.get("gateway") or {}).get("lanes") or {}
+        pool = (document.get("pool") or {}).get("lanes") or {}
+        families = [
+            (
+                "taskoffload_lane_waiting",
+                "Calls waiting in the gateway for their lane's share.",
+                gateway,
+                "waiting",
+            ),
+            (
+                "taskoffload_lane_at_pool",
+                "Calls the gateway has at its lane's workers.",
+                gateway,
+                "at_pool",
+            ),
+            (
+                "taskoffload_lane_slots",
+                "Task slots of the lane, as its pools said.",
+                gateway,
+                "slots",
+            ),
+            (
+                "taskoffload_lane_workers",
+                "Worker processes the lane is configured to run.",
+                pool,
+                "count",
+            ),
+            (
+                "taskoffload_lane_workers_serving",
+                "Worker processes of the lane taking connections.",
+                pool,
+                "serving",
+            ),
+        ]
+        for name, documentation, lanes, key in families:
+            if not lanes:
+                continue
+            family = GaugeMetricFamily(name, documentation, labels=["lane"])
+            for lane, figures in sorted(lanes.items()):
+                value = figures.get(key)
+                if value is not None:
+                    family.add_metric([lane], value)
+            yield family

@@ -13,17 +13,13 @@ from __future__ import annotations
 
 import functools
 import signal
-import socket
 from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
-from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from taskoffload.config import PoolConfig
 from taskoffload.event_router import EventRouter, log_raw_output
@@ -32,27 +28,11 @@ from taskoffload.interfaces import IProcessControl
 from taskoffload.processes import ProcessControl
 from taskoffload.reload import RollingReload
 from taskoffload.slots import SlotState, WorkerSlot
+from taskoffload.sockets import PoolSockets, lane_status
 
 __all__ = ["PoolConfig", "WorkerPoolService"]
 
 _log = Logger(namespace="taskoffload.supervisor")
-
-
-def _with_backlog(description: str, backlog: int = 1024) -> str:
-    """Add a generous ``backlog`` to a tcp/unix endpoint string that sets none."""
-    kind = description.split(":", 1)[0]
-    if kind in ("tcp", "tcp6", "unix") and "backlog=" not in description:
-        return f"{description}:backlog={backlog}"
-    return description
-
-
-class _NeverAccept(Factory):
-    """The supervisor's port never accepts; this only satisfies the endpoint API."""
-
-    noisy = False
-
-    def buildProtocol(self, addr: Any) -> Protocol | None:
-        return None
 
 
 class WorkerPoolService(Service):
@@ -74,7 +54,7 @@ class WorkerPoolService(Service):
         self._reactor = reactor
         self._processes = processes
         self.workers: dict[int, WorkerSlot] = {}
-        self.port: IListeningPort | None = None
+        self._sockets = PoolSockets(lambda: self.reactor)
         self._stopping = False
         self._launched_at = 0.0
         self._all_serving: list[Deferred[float]] = []
@@ -115,6 +95,11 @@ class WorkerPoolService(Service):
         """How many rolling reloads have completed."""
         return self._reload.completed
 
+    @property
+    def draining(self) -> bool:
+        """Whether the pool wants no new work: it is stopping, or a reload is under way."""
+        return self._stopping or self._reload.under_way
+
     # Lifecycle
 
     def privilegedStartService(self) -> None:
@@ -123,19 +108,14 @@ class WorkerPoolService(Service):
         self._listen()
 
     def _listen(self) -> None:
-        if self.port is not None:
-            return
-        endpoint = serverFromString(self.reactor, _with_backlog(self.config.listen))
-        ports: list[IListeningPort] = []
-        failures: list[Failure] = []
-        endpoint.listen(_NeverAccept()).addCallbacks(ports.append, failures.append)
-        if failures:
-            failures[0].raiseException()
-        if not ports:
-            raise RuntimeError(f"{self.config.listen}: the endpoint did not listen at once")
-        # The supervisor only holds the socket; its children accept on it.
-        ports[0].stopReading()  # type: ignore[attr-defined]  # tcp.Port and unix.Port are FileDescriptors
-        self.port = ports[0]
+        if self._sockets.port is None:
+            # What the workers tell clients: where each lane listens.
+            self.config = self._sockets.bind(self.config)
+
+    @property
+    def port(self) -> IListeningPort | None:
+        """The default lane's listening socket, while the pool holds it."""
+        return self._sockets.port
 
     def startService(self) -> None:
         super().startService()
@@ -143,15 +123,10 @@ class WorkerPoolService(Service):
         self._stopping = False
         self._launched_at = self.reactor.seconds()
         self._listen()
-        port = self.port
-        assert port is not None
-        _log.info(
-            "Worker pool listening on {address}, starting {count} workers",
-            address=port.getHost(),
-            count=self.config.count,
-        )
+        self._sockets.log_listening(self.config)
         self.workers = self._new_slots()
-        self._fork_servers.start(port.fileno())  # type: ignore[attr-defined]  # ports are FileDescriptors
+        # The configuration as bound: where each lane listens, for the workers to tell.
+        self._fork_servers.start(*self._sockets.fds(), config=self.config)
 
     def _new_slots(self) -> dict[int, WorkerSlot]:
         return {
@@ -181,7 +156,7 @@ class WorkerPoolService(Service):
         self._fork_servers.stop()
         for slot in self.workers.values():
             slot.cancel_restart()
-        self._refuse_new_connections()
+        self._sockets.refuse_new_connections()
         alive = [s for s in self.workers.values() if s.pid is not None]
         if alive:
             _log.info("Stopping {count} workers", count=len(alive))
@@ -194,25 +169,8 @@ class WorkerPoolService(Service):
                 _log.warn("Workers still running after the stop timeout; killing them")
                 self._signal_workers(signal.SIGKILL)
         await self._fork_servers.close()
-        if self.port is not None:
-            port, self.port = self.port, None
-            stopped = port.stopListening()
-            if stopped is not None:
-                await stopped
+        await self._sockets.close()
         _log.info("Worker pool stopped")
-
-    def _refuse_new_connections(self) -> None:
-        """
-        Make the shared socket refuse connections from now on (the workers stop
-        accepting anyway): a balancer or client then goes to another pool at
-        once, instead of queueing where nobody will accept.
-        """
-        listening = getattr(self.port, "socket", None)
-        if listening is not None:
-            try:
-                listening.shutdown(socket.SHUT_RD)
-            except OSError:
-                pass
 
     def _signal_workers(self, signum: int) -> None:
         for slot in self.workers.values():
@@ -337,10 +295,12 @@ class WorkerPoolService(Service):
             "count": self.config.count,
             "alive": sum(1 for s in slots if s.pid is not None),
             "serving": self._count_serving(),
+            "busy": sum(s.busy for s in slots),
             "restarts": sum(s.restarts for s in slots),
             "recycled": sum(s.recycled for s in slots),
             "reloads": self._reload.completed,
             "reloading": self._reload.under_way,
             "killed_past_deadline": sum(s.killed_for_deadline for s in slots),
-            "workers": [s.status(now) for s in slots],
+            "lanes": lane_status(self.config, self.workers.values()),
+            "workers": [{**s.status(now), "lane": self.config.lane_name(s.index)} for s in slots],
         }

@@ -4,14 +4,13 @@
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import IService, MultiService
 from twisted.python import usage
 
 from taskoffload import wire
-from taskoffload.client import PoolAddress
+from taskoffload.agent import AgentService, check_agent_listen
 from taskoffload.defaults import (
     AUTO_PING,
     DEFAULT_GATEWAY_LISTEN,
@@ -19,6 +18,20 @@ from taskoffload.defaults import (
     DEFAULT_POOL_LISTEN,
     IDLE_TIMEOUT,
     STOP_TIMEOUT,
+)
+from taskoffload.lanes import Lane
+from taskoffload.option_values import _module_exists as _module_exists
+from taskoffload.option_values import (
+    _non_negative_int,
+    _positive_float,
+    _positive_int,
+    _whole_seconds,
+    check_lanes,
+    check_on_loopback,
+    check_pool_addresses,
+    default_count,
+    read_secret,
+    read_token,
 )
 from taskoffload.signals import ExitZeroOnSigterm
 from taskoffload.supervisor import PoolConfig, WorkerPoolService
@@ -29,41 +42,6 @@ if TYPE_CHECKING:
 __all__ = ["Options", "makeService"]
 
 ROLES = ("worker", "gateway", "all")
-
-
-def default_count() -> int:
-    """Four workers per CPU: tasks that wait on I/O leave the CPU to others."""
-    return 4 * (os.cpu_count() or 1)
-
-
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise ValueError("must be at least 1")
-    return number
-
-
-def _non_negative_int(value: str) -> int:
-    number = int(value)
-    if number < 0:
-        raise ValueError("must be 0 or more")
-    return number
-
-
-def _positive_float(value: str) -> float:
-    number = float(value)
-    if not number > 0:
-        raise ValueError("must be above 0")
-    return number
-
-
-def _whole_seconds(value: str) -> float:
-    # Autobahn's pings run on txaio's batched timers, which count in whole
-    # seconds: a fractional interval would drop peers that do answer.
-    number = float(value)
-    if not (number >= 1 and number.is_integer()):
-        raise ValueError("must be a whole number of seconds, at least 1")
-    return number
 
 
 _positive_int.coerceDoc = "A whole number, at least 1."  # type: ignore[attr-defined]  # read by usage.Options
@@ -98,6 +76,13 @@ class Options(usage.Options):
             None,
             "Role worker: server endpoint for the pool's own /status and /metrics "
             "(guarded by --token-file if given), e.g. tcp:9090:interface=127.0.0.1.",
+        ],
+        [
+            "agent-listen",
+            None,
+            None,
+            "Roles worker and all: TCP endpoint answering HAProxy's agent check with the "
+            "pool's free task slots (drain while it stops), e.g. tcp:9091:interface=10.0.0.11.",
         ],
         [
             "listen",
@@ -211,6 +196,7 @@ class Options(usage.Options):
         self["tasks"] = []
         self["pool"] = []
         self["allowed-origin"] = []
+        self["lane"] = []
         #: The token read from --token-file, if given.
         self["token"] = None
 
@@ -219,8 +205,22 @@ class Options(usage.Options):
         self["tasks"].append(module)
 
     def opt_pool(self, address: str) -> None:
-        """Gateway: a worker pool's address, e.g. tcp:127.0.0.1:12345 (repeatable)."""
+        """
+        Gateway: a worker pool's address, e.g. tcp:127.0.0.1:12345, or LANE=ADDRESS
+        for where one lane's workers listen (repeatable).
+        """
         self["pool"].append(address)
+
+    def opt_lane(self, lane: str) -> None:
+        """
+        Pool: NAME=COUNT reserves COUNT of the --count workers for the tasks of
+        @task(lane="NAME"), on a port beside the pool's; NAME=COUNT:ENDPOINT on
+        that endpoint (repeatable).
+        """
+        try:
+            self["lane"].append(Lane.parse(lane))
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
 
     def opt_allowed_origin(self, origin: str) -> None:
         """
@@ -266,31 +266,22 @@ class Options(usage.Options):
         if self["role"] == "gateway":
             if not self["pool"]:
                 self["pool"] = [DEFAULT_POOL]
-            for address in self["pool"]:
-                try:
-                    PoolAddress.parse(address)
-                except ValueError as e:
-                    raise usage.UsageError(f"--pool {address!r}: {e}") from None
+            check_pool_addresses(self["pool"])
         elif self["pool"]:
             raise usage.UsageError("--pool is for --role=gateway; role all uses its own pool")
+        listen = self["listen"] if self["role"] == "worker" else self["pool-listen"]
+        check_lanes(self["lane"], self["role"], self["count"], listen)
         self._check_access()
         if self["token-file"] is not None:
             self["token"] = read_token(self["token-file"])
         self["secret"] = None
         if self["secret-file"] is not None:
             self["secret"] = read_secret(self["secret-file"])
-        if (
-            self["role"] != "gateway"
-            and self["secret"] is None
-            and not self["insecure"]
-            and not is_loopback_endpoint(worker_listen)
-        ):
+        if self["role"] != "gateway" and self["secret"] is None and not self["insecure"]:
             name = "listen" if self["role"] == "worker" else "pool-listen"
-            raise usage.UsageError(
-                f"--{name} {worker_listen!r} is reachable beyond this machine, and a worker "
-                "port runs any registered task for anyone who reaches it: give --secret-file "
-                "(an HMAC challenge guards each connection), or --insecure if a firewall "
-                "does, or listen on loopback (interface=127.0.0.1)"
+            check_on_loopback(
+                [(f"--{name}", worker_listen)]
+                + [(f"--lane {lane.name}", lane.listen) for lane in self["lane"] if lane.listen]
             )
         for origin in self["allowed-origin"]:
             if "://" not in origin:
@@ -301,6 +292,7 @@ class Options(usage.Options):
 
     def _check_access(self) -> None:
         """Check ``--status-listen``, ``--token-file`` and ``--allowed-origin`` for the role."""
+        check_agent_listen(self["role"], self["agent-listen"])
         if self["status-listen"] is not None:
             if self["role"] != "worker":
                 raise usage.UsageError(
@@ -334,6 +326,7 @@ class Options(usage.Options):
             max_tasks_per_child=self["max-tasks-per-child"],
             max_memory_per_child=self["max-memory-per-child"],
             secret=self["secret"],
+            lanes=tuple(self["lane"]),
             env={
                 "TASKOFFLOAD_SMTP_HOST": self["smtp-host"],
                 "TASKOFFLOAD_SMTP_PORT": str(self["smtp-port"]),
@@ -355,79 +348,6 @@ class Options(usage.Options):
         from taskoffload.gateway import GatewayAccess
 
         return GatewayAccess(token=self["token"], allowed_origins=self["allowed-origin"])
-
-
-def _module_exists(name: str) -> bool:
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):  # a parent package that is missing, or ""
-        return False
-
-
-def is_loopback_endpoint(description: str) -> bool:
-    """
-    :return: whether a ``tcp:``/``tcp6:``/``unix:`` server endpoint string listens
-        on this machine only (``unix:``, or an ``interface`` on loopback).
-    """
-    import ipaddress
-    import re
-
-    kind, _, rest = description.partition(":")
-    if kind == "unix":
-        return True
-    interface = ""
-    # Endpoint strings escape the colons of IPv6 addresses with backslashes.
-    for part in re.split(r"(?<!\\):", rest):
-        if part.startswith("interface="):
-            interface = part[len("interface=") :].replace("\\:", ":").strip("[]")
-    if interface in ("localhost",):
-        return True
-    try:
-        return ipaddress.ip_address(interface).is_loopback
-    except ValueError:
-        return False  # "" (every interface) or a name we cannot judge
-
-
-def read_secret(path: str) -> bytes:
-    """
-    :return: the shared secret in the file at ``path``, without surrounding whitespace.
-    :raise usage.UsageError: if it cannot be read or is shorter than 16 bytes.
-    """
-    try:
-        with open(path, "rb") as f:
-            secret = f.read().strip()
-    except OSError as e:
-        raise usage.UsageError(f"--secret-file {path!r}: cannot read it: {e}") from None
-    if len(secret) < 16:
-        raise usage.UsageError(
-            f"--secret-file {path!r} holds {len(secret)} bytes; use at least 16, e.g. "
-            f"python3 -c 'import secrets; print(secrets.token_urlsafe(32))' > {path}"
-        )
-    return secret
-
-
-def read_token(path: str) -> str:
-    """
-    :return: the token in the file at ``path``, without surrounding whitespace.
-    :raise usage.UsageError: if it cannot be read or holds no token.
-    """
-    try:
-        with open(path, encoding="utf-8") as f:
-            token = f.read().strip()
-    except (OSError, UnicodeDecodeError) as e:
-        raise usage.UsageError(f"--token-file {path!r}: cannot read it: {e}") from None
-    if not token:
-        raise usage.UsageError(
-            f"--token-file {path!r} is empty: put the token in it, e.g. with "
-            f"python3 -c 'import secrets; print(secrets.token_urlsafe(32))' > {path}"
-        )
-    if any(c.isspace() for c in token):
-        raise usage.UsageError(
-            f"--token-file {path!r}: the token is one word; it holds whitespace inside"
-        )
-    return token
 
 
 def raise_open_files_limit() -> tuple[int, int]:
@@ -460,6 +380,8 @@ def makeService(options: Options) -> IService:
     if role == "worker":
         workers = WorkerPoolService(options.pool_config(options["listen"]))
         workers.setServiceParent(top)
+        if options["agent-listen"] is not None:
+            AgentService(options["agent-listen"], workers).setServiceParent(top)
         if options["status-listen"] is not None:
             # Imported here: prometheus_client costs a pool without it its start time.
             from taskoffload.access import GatewayAccess
@@ -477,6 +399,8 @@ def makeService(options: Options) -> IService:
     if role == "all":
         pool = WorkerPoolService(options.pool_config(options["pool-listen"]))
         pool.setServiceParent(top)
+        if options["agent-listen"] is not None:
+            AgentService(options["agent-listen"], pool).setServiceParent(top)
     GatewayService(
         listen=options["listen"],
         pool_addresses=options["pool"],

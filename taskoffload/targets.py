@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Final
 
 import attrs
@@ -20,6 +20,7 @@ from twisted.internet.interfaces import IProtocol, IProtocolFactory, IReactorTim
 from twisted.python.failure import Failure
 
 from taskoffload import wire
+from taskoffload.lanes import check_lane_name
 
 __all__ = [
     "CONNECT_BACKOFF",
@@ -30,6 +31,7 @@ __all__ = [
     "PoolAddress",
     "Target",
     "Targets",
+    "parse_lane_address",
 ]
 
 #: Seconds an address is skipped after a connection attempt to it failed.
@@ -100,6 +102,20 @@ class PoolAddress:
         return f"tcp:{host}:{self.port}"
 
 
+def parse_lane_address(text: str) -> tuple[str | None, PoolAddress]:
+    """
+    Read a pool address that may name a lane: ``LANE=ADDRESS`` is where the
+    workers of lane ``LANE`` listen; a plain address is a pool's own.
+
+    :return: the lane (``None`` for a plain address) and the address.
+    :raises ValueError: if either part cannot be read.
+    """
+    head, equals, rest = text.partition("=")
+    if equals and ":" not in head:
+        return check_lane_name(head), PoolAddress.parse(rest)
+    return None, PoolAddress.parse(text)
+
+
 class Load:
     """
     How many calls are outstanding on the connections to one address: written,
@@ -151,14 +167,21 @@ class Target:
         "early_closes",
         "error",
         "load",
+        "on_ack",
         "opened",
         "retry",
         "slots",
         "workers",
     )
 
-    def __init__(self, address: PoolAddress) -> None:
+    def __init__(
+        self,
+        address: PoolAddress,
+        on_ack: Callable[[Target, wire.SessionAck], object] | None = None,
+    ) -> None:
         self.address = address
+        #: Told each session acknowledgement, after the target has read it.
+        self.on_ack = on_ack
         #: Calls outstanding on its connections.
         self.load = Load()
         #: Connection attempts under way.
@@ -189,6 +212,8 @@ class Target:
         self.retry = frozenset(ack.retry)
         if ack.slots:
             self.slots = ack.slots
+        if self.on_ack is not None:
+            self.on_ack(self, ack)
 
     def backing_off(self, now: float) -> bool:
         """:return: whether new connections go elsewhere at reactor time ``now``."""
@@ -299,15 +324,37 @@ class Targets:
     The addresses a client spreads its connections over.
 
     :param reactor: provides ``IReactorTime``.
+    :param on_ack: given to each :class:`Target`.
     """
 
-    def __init__(self, reactor: IReactorTime, addresses: Sequence[PoolAddress]) -> None:
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        addresses: Sequence[PoolAddress],
+        on_ack: Callable[[Target, wire.SessionAck], object] | None = None,
+    ) -> None:
         self._reactor = reactor
-        self._targets = [Target(address) for address in addresses]
+        self._on_ack = on_ack
+        self._targets = [Target(address, on_ack) for address in addresses]
         self._next = 0
 
     def __iter__(self) -> Iterator[Target]:
         return iter(self._targets)
+
+    def add(self, address: PoolAddress, slots: int | None = None) -> bool:
+        """
+        Spread connections over ``address`` too, unless it is already among them.
+
+        :param slots: its task slots, if known before it says (a pool tells of
+            its lanes' slots).
+        :return: whether it was added.
+        """
+        if any(target.address == address for target in self._targets):
+            return False
+        target = Target(address, self._on_ack)
+        target.slots = slots
+        self._targets.append(target)
+        return True
 
     def choose(self) -> Target | None:
         """

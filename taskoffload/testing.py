@@ -47,6 +47,7 @@ from taskoffload.client import (
     pool_capacity,
     timeout_error,
 )
+from taskoffload.lanes import DEFAULT_LANE
 from taskoffload.registry import TaskRegistry
 from taskoffload.running import TaskRunner
 
@@ -255,6 +256,9 @@ class FakeTaskPool:
         has not connected.
     :param prefetch: as :class:`~taskoffload.client.TaskClient`'s; only
         :meth:`capacity` uses it.
+    :param lanes: the slots of each lane other than the default (``slots`` is
+        the default lane's), for :meth:`slots` and :meth:`capacity`; each task's
+        lane is its ``@task(lane=...)``, and it runs here whatever its lane.
     :raises ValueError: for an out-of-range number, as the real client.
     :ivar calls: every call made, oldest first, answered or not.
     :ivar closed: whether :meth:`close` was called.
@@ -268,6 +272,7 @@ class FakeTaskPool:
         timeout: float | None = None,
         slots: int | None = None,
         prefetch: int = 0,
+        lanes: Mapping[str, int] | None = None,
     ) -> None:
         check_timeout(timeout, or_none=True)
         if slots is not None and slots < 1:
@@ -281,14 +286,16 @@ class FakeTaskPool:
         self._timeout = timeout
         self._slots = slots
         self._prefetch = prefetch
+        self._lanes = dict(lanes) if lanes else {}
+        self._routes: dict[str, str] = {}
         self._ids = itertools.count(1)
         self._runner: TaskRunner | None = None
         if self.tasks is not None:
+            registry = TaskRegistry.from_mapping(self.tasks)
+            self._routes = registry.routes()
             # Without a clock, a clock that never moves: deadlines never pass.
             # No slots: every call runs at once.
-            self._runner = TaskRunner(
-                TaskRegistry.from_mapping(self.tasks), clock if clock is not None else Clock()
-            )
+            self._runner = TaskRunner(registry, clock if clock is not None else Clock(), lane=None)
 
     @property
     def pending(self) -> list[FakeCall]:
@@ -375,13 +382,27 @@ class FakeTaskPool:
             call._give_up(_closed_error())
         return defer.succeed(None)
 
-    def slots(self) -> int | None:
-        """:return: the ``slots`` the pool was given: ``None`` unless told one."""
-        return self._slots
+    def slots(self, lane: str | None = None) -> int | None:
+        """
+        :param lane: a lane's name, or ``None`` for all of them.
+        :return: the ``slots`` the pool was given for ``lane`` (``slots`` for
+            the default lane, ``lanes`` for the others), or their sum: ``None``
+            unless told one.
+        """
+        if lane is None:
+            known = [n for n in (self._slots, *self._lanes.values()) if n]
+            return sum(known) if known else None
+        if lane == DEFAULT_LANE:
+            return self._slots
+        return self._lanes.get(lane)
 
-    def capacity(self) -> int | None:
+    def capacity(self, lane: str | None = None) -> int | None:
         """
-        :return: ``slots`` times one more than ``prefetch``, as the real client
-            says; ``None`` without ``slots``.
+        :return: :meth:`slots` of ``lane`` times one more than ``prefetch``, as
+            the real client says; ``None`` without slots.
         """
-        return pool_capacity(self._slots, self._prefetch)
+        return pool_capacity(self.slots(lane), self._prefetch)
+
+    def lane_of(self, function: str) -> str:
+        """:return: the lane of ``function``: its ``@task(lane=...)``, else the default."""
+        return self._routes.get(function, DEFAULT_LANE)

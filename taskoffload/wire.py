@@ -13,10 +13,13 @@ import hashlib
 import hmac
 import json
 import reprlib
+from collections.abc import Mapping
 from typing import Any, Final, TypeAlias
 
 import attrs
 import orjson
+
+from taskoffload.lanes import DEFAULT_LANE, LaneInfo, read_ack_lanes
 
 __all__ = [
     "BAD_ARGUMENTS",
@@ -30,6 +33,7 @@ __all__ = [
     "UNAUTHORIZED",
     "UNKNOWN_FUNCTION",
     "WORKER_LOST",
+    "WRONG_LANE",
     "Auth",
     "BadMessage",
     "Cancel",
@@ -76,6 +80,8 @@ WORKER_LOST: Final = "worker_lost"
 OVERLOADED: Final = "overloaded"
 #: Credentials were missing or wrong.
 UNAUTHORIZED: Final = "unauthorized"
+#: The task runs on another lane's workers; the request did not run.
+WRONG_LANE: Final = "wrong_lane"
 
 #: Every error code, stable and documented in ``docs/protocol.rst``.
 ERROR_CODES: Final = frozenset(
@@ -89,6 +95,7 @@ ERROR_CODES: Final = frozenset(
         WORKER_LOST,
         OVERLOADED,
         UNAUTHORIZED,
+        WRONG_LANE,
     }
 )
 
@@ -249,10 +256,17 @@ class SessionAck:
 
     worker: int | None
     retry: tuple[str, ...] = ()
-    #: How many tasks the whole pool runs at once (workers x concurrency).
+    #: How many tasks the connection's lane runs at once (its workers x
+    #: concurrency): the whole pool's, for a pool without lanes.
     slots: int | None = None
     #: How many tasks this worker process runs at once (``--concurrency``).
     concurrency: int | None = None
+    #: The lane this worker serves.
+    lane: str = DEFAULT_LANE
+    #: The pool's lanes other than the default, and where they listen.
+    lanes: tuple[LaneInfo, ...] = ()
+    #: The lane of each task not on the default lane.
+    routes: Mapping[str, str] = attrs.field(factory=dict)
 
 
 @attrs.frozen
@@ -425,6 +439,10 @@ def encode_session_ack(ack: SessionAck) -> bytes:
         session["slots"] = ack.slots
     if ack.concurrency:
         session["concurrency"] = ack.concurrency
+    if ack.lanes or ack.lane != DEFAULT_LANE:
+        session["lane"] = ack.lane
+        session["lanes"] = {lane.name: lane.to_json() for lane in ack.lanes}
+        session["routes"] = dict(ack.routes)
     return dumps({"session": session}) + b"\n"
 
 
@@ -493,6 +511,7 @@ def decode_reply(data: bytes) -> Reply:
             slots = obj["session"].get("slots")
             concurrency = obj["session"].get("concurrency")
             return SessionAck(
+                **read_ack_lanes(obj["session"]),
                 worker=worker if isinstance(worker, int) else None,
                 retry=tuple(n for n in retry if isinstance(n, str))
                 if isinstance(retry, list)

@@ -379,7 +379,11 @@ class TaskServerFactory(Factory):
         settings = attrs.evolve(settings if settings is not None else WorkerSettings(), **overrides)
         self.settings = settings
         self.runner = TaskRunner(
-            registry, clock, task_timeout=settings.task_timeout, sync_deadlines=sync_deadlines
+            registry,
+            clock,
+            task_timeout=settings.task_timeout,
+            sync_deadlines=sync_deadlines,
+            lane=settings.lane,
         )
         self._after_task = after_task
         #: Set by :meth:`begin_stop`.
@@ -392,6 +396,9 @@ class TaskServerFactory(Factory):
                 retry=retry,
                 slots=settings.pool_slots,
                 concurrency=settings.concurrency,
+                lane=settings.lane,
+                lanes=settings.lanes,
+                routes=registry.routes(),
             )
         )
         self.clock = clock

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Sequence
 
 import attrs
 from twisted.internet.interfaces import IProcessProtocol
@@ -41,6 +42,8 @@ class SpawnedForkServer:
     listen_fd: int
     #: Whether the lifeline given was the read end of a pipe, when it was given.
     lifeline_was_pipe: bool
+    #: The listening sockets of the pool's lanes, in order.
+    lane_fds: tuple[int, ...] = ()
 
 
 @implementer(IProcessControl)
@@ -58,11 +61,17 @@ class FakeProcessControl:
         self.spawned: list[SpawnedForkServer] = []
 
     def spawn_fork_server(
-        self, protocol: IProcessProtocol, listen_fd: int, lifeline_fd: int
+        self,
+        protocol: IProcessProtocol,
+        listen_fd: int,
+        lifeline_fd: int,
+        lane_fds: Sequence[int] = (),
     ) -> ProcessStringTransport:
         transport = ProcessStringTransport()
         is_pipe = stat.S_ISFIFO(os.fstat(lifeline_fd).st_mode)
-        self.spawned.append(SpawnedForkServer(protocol, transport, listen_fd, is_pipe))
+        self.spawned.append(
+            SpawnedForkServer(protocol, transport, listen_fd, is_pipe, tuple(lane_fds))
+        )
         protocol.makeConnection(transport)
         return transport
 

@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
 from taskoffload._child import (
+    BUSY_INTERVAL,
     CLOSE_TIMEOUT,
     MAX_ALARM_SECONDS,
     AlarmDeadlines,
@@ -88,6 +89,7 @@ class FakeServer:
         self.calls = calls
         self.tasks_done = 0
         self.running = 0
+        self.busy_connections = 0
         self.drained: Deferred[None] = Deferred()
         self.closed: Deferred[None] = Deferred()
 
@@ -221,6 +223,94 @@ def test_stats_sent_only_on_change() -> None:
         Stats(index=INDEX, pid=pid, tasks_done=1, rss_mib=100.0),
         Stats(index=INDEX, pid=pid, tasks_done=1, rss_mib=120.0),
     ]
+
+
+def busy_reports(worker: Worker) -> list[int]:
+    """The busy count of each Stats event sent so far."""
+    return [e.busy for e in worker.sent(Stats)]
+
+
+def test_a_changed_busy_count_is_reported_at_once() -> None:
+    """When the capacity changes and the busy count with it, the count goes to the
+    supervisor at once (the last report being older than the interval)."""
+    worker = Worker()
+    worker.process.report_stats()
+    worker.reactor.advance(BUSY_INTERVAL)
+    worker.server.busy_connections = 1
+    worker.process.capacity_changed(False)
+    assert busy_reports(worker) == [0, 1]
+    assert worker.calls == ["capacity False"]
+    worker.reactor.advance(BUSY_INTERVAL)
+    worker.server.busy_connections = 0
+    worker.server.tasks_done = 1
+    worker.process.task_ended()
+    assert worker.sent(Stats)[-1] == Stats(
+        index=INDEX, pid=worker.events.pid, tasks_done=1, rss_mib=100.0, busy=0
+    )
+
+
+def test_busy_reports_are_rate_limited_and_coalesced() -> None:
+    """Changes within the interval of the last report wait for it to pass, and then
+    the count at that moment is sent, once."""
+    worker = Worker()
+    worker.process.report_stats()
+    worker.server.busy_connections = 1
+    worker.process.capacity_changed(False)
+    worker.reactor.advance(BUSY_INTERVAL / 2)
+    worker.server.busy_connections = 2
+    worker.process.task_ended()
+    assert busy_reports(worker) == [0]
+    worker.reactor.advance(BUSY_INTERVAL / 2)
+    assert busy_reports(worker) == [0, 2]
+    assert worker.reactor.getDelayedCalls() == []
+
+
+def test_a_busy_count_back_where_it_was_is_not_reported() -> None:
+    """A count that changed and changed back before the delayed report is not sent,
+    nor is the task that ran meanwhile (it goes with the periodic report)."""
+    worker = Worker()
+    worker.process.report_stats()
+    worker.server.busy_connections = 1
+    worker.process.capacity_changed(False)
+    worker.server.busy_connections = 0
+    worker.server.tasks_done = 1
+    worker.process.capacity_changed(True)
+    worker.reactor.advance(BUSY_INTERVAL)
+    assert busy_reports(worker) == [0]
+
+
+def test_a_task_that_leaves_the_count_as_reported_writes_nothing() -> None:
+    """The hot path: a task ends, the busy count is the one last reported: no event,
+    nothing scheduled."""
+    worker = Worker()
+    worker.server.busy_connections = 1
+    worker.process.report_stats()
+    for done in range(1, 4):
+        worker.server.tasks_done = done
+        worker.process.task_ended()
+    assert busy_reports(worker) == [1]
+    assert worker.reactor.getDelayedCalls() == []
+    worker.process.report_stats()  # the task count goes with the next periodic report
+    assert worker.sent(Stats)[-1].tasks_done == 3
+
+
+def test_busy_rising_below_the_limit_goes_with_the_periodic_report() -> None:
+    """A count no hook saw change (a task started below the concurrency limit) is
+    reported by the next look at the counts."""
+    worker = Worker()
+    worker.process.report_stats()
+    worker.server.busy_connections = 1
+    worker.process.report_stats()
+    assert busy_reports(worker) == [0, 1]
+
+
+def test_a_task_ending_still_recycles() -> None:
+    """The end of a task is also when a worker due for replacement recycles itself."""
+    worker = Worker(PoolConfig(max_tasks_per_child=1))
+    worker.server.tasks_done = 1
+    worker.process.task_ended()
+    assert len(worker.sent(Recycling)) == 1
+    assert worker.reactor.stops == 1
 
 
 def test_resident_memory_is_read() -> None:

@@ -24,7 +24,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 
-from taskoffload import fairshare, wire
+from taskoffload import fairshare, ingest, wire
 from taskoffload.gateway import GatewayFactory, GatewayLimits, GatewayProtocol, GatewayStats
 from taskoffload.testing import FakeTaskPool
 from tests._trial_bridge import pytest_module
@@ -108,6 +108,23 @@ def test_result_reply_carries_id() -> None:
     peer = Gateway(FakeTaskPool(tasks={"echo": echo})).connect()
     peer.send({"id": "a1", "function": "echo", "args": {"x": 1}})
     assert peer.take() == [{"id": "a1", "result": {"x": 1}}]
+
+
+def test_a_burst_on_one_connection_does_not_hold_another_connections_message() -> None:
+    """200 messages on one connection in one turn, then one on another: the other's
+    call reaches the pool right after the turn's share (taskoffload.ingest), long
+    before the burst's last, and every message is still answered, in order."""
+    gateway = Gateway(FakeTaskPool(tasks={"echo": echo}, slots=1000))
+    burst, probe = gateway.connect(), gateway.connect()
+    for n in range(200):
+        burst.send({"id": n, "function": "echo", "args": {"n": n}})
+    probe.send({"id": "p", "function": "echo", "args": {"n": "probe"}})
+    assert len(gateway.pool.calls) == ingest.PER_TURN
+    gateway.clock.advance(0)
+    order = [call.kwargs["n"] for call in gateway.pool.calls]
+    assert order.index("probe") <= ingest.PER_TURN + 1, order[: ingest.PER_TURN + 5]
+    assert [reply["id"] for reply in burst.take()] == list(range(200))
+    assert probe.take() == [{"id": "p", "result": {"n": "probe"}}]
 
 
 def test_request_reaches_pool(gateway: Gateway) -> None:

@@ -368,6 +368,26 @@ def test_format_status_header() -> None:
     assert text.endswith("\n")
 
 
+def test_format_status_lanes_line() -> None:
+    """A pool with lanes gets a line of each lane's serving workers, and the calls
+    the gateway holds waiting for it; a pool without lanes gets none."""
+    document = {
+        "gateway": {"lanes": {"default": {"waiting": 3, "at_pool": 4, "slots": 4}}},
+        "pool": {
+            "count": 6,
+            "serving": 6,
+            "lanes": {
+                "default": {"count": 4, "serving": 4},
+                "interactive": {"count": 2, "serving": 1, "port": 40123},
+            },
+            "workers": [],
+        },
+    }
+    lines = format_status(document).splitlines()
+    assert "Lanes    default 4/4 (3 waiting)   interactive 1/2" in lines
+    assert not any(line.startswith("Lanes") for line in format_status(SAMPLE_STATUS).splitlines())
+
+
 def test_format_status_worker_rows() -> None:
     """One row per worker, then totals; columns /status lacks show ``-``."""
     lines = format_status(SAMPLE_STATUS).splitlines()

@@ -21,6 +21,7 @@ STATUS: dict[str, Any] = {
     "count": 4,
     "alive": 4,
     "serving": 3,
+    "busy": 2,
     "restarts": 2,
     "recycled": 1,
     "reloads": 0,
@@ -56,9 +57,11 @@ def test_status_is_the_pools_summary() -> None:
 
 
 def test_metrics_give_the_pools_figures() -> None:
-    """``/metrics`` has the serving, alive and configured workers and the restart counters."""
+    """``/metrics`` has the serving, alive, busy and configured workers and the restart
+    counters."""
     text = body(get(pool_site(lambda: STATUS, GatewayAccess()), b"/metrics")).decode()
     assert "taskoffload_workers_serving 3.0" in text
+    assert "taskoffload_workers_busy 2.0" in text
     assert "taskoffload_workers_alive 4.0" in text
     assert "taskoffload_workers 4.0" in text
     assert "taskoffload_worker_restarts_total 2.0" in text

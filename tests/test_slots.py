@@ -217,6 +217,7 @@ def test_status() -> None:
         "recycled": 0,
         "tasks_done": 3,
         "rss_mib": 8.0,
+        "busy": 0,
     }
     s.slot.process_serving()
     assert s.slot.status(2.5)["state"] == "serving"

@@ -25,7 +25,8 @@ from twisted.python.failure import Failure
 from taskoffload import slots
 from taskoffload.forkserver_client import ForkServerProtocol
 from taskoffload.slots import MAX_RESTART_DELAY
-from taskoffload.supervisor import PoolConfig, WorkerPoolService, _with_backlog
+from taskoffload.sockets import _with_backlog
+from taskoffload.supervisor import PoolConfig, WorkerPoolService
 from tests._trial_bridge import pytest_module
 from tests.fake_processes import FakeProcessControl, ProcessStringTransport
 

@@ -9,7 +9,7 @@ import pytest
 from twisted.application.service import MultiService
 from twisted.python import usage
 
-from taskoffload import tap, wire
+from taskoffload import option_values, tap, wire
 from taskoffload.signals import ExitZeroOnSigterm
 from taskoffload.supervisor import PoolConfig, WorkerPoolService
 from tests._trial_bridge import pytest_module
@@ -24,7 +24,7 @@ def parse(*args: str) -> tap.Options:
 
 def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     """Defaults: role all, 4 workers per CPU, concurrency 1, default addresses, examples."""
-    monkeypatch.setattr(tap.os, "cpu_count", lambda: 3)
+    monkeypatch.setattr(option_values.os, "cpu_count", lambda: 3)
     options = parse()
     assert options["role"] == "all"
     assert options["count"] == 12
@@ -38,7 +38,7 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_unknown_cpu_count(monkeypatch: pytest.MonkeyPatch) -> None:
     """When the CPU count is unknown, the default is four workers."""
-    monkeypatch.setattr(tap.os, "cpu_count", lambda: None)
+    monkeypatch.setattr(option_values.os, "cpu_count", lambda: None)
     assert parse()["count"] == 4
 
 

@@ -282,8 +282,9 @@ def test_bad_message_becomes_error_reply() -> None:
 
 
 def test_error_codes_are_the_documented_set() -> None:
-    """ERROR_CODES holds exactly the nine stable codes."""
+    """ERROR_CODES holds exactly the ten stable codes."""
     assert {
+        "wrong_lane",
         "bad_request",
         "unknown_function",
         "bad_arguments",

@@ -230,6 +230,12 @@ def _add_target_options(parser: argparse.ArgumentParser) -> None:
         help="calls a started gateway, or noop-direct's TaskClient, sends ahead to each busy "
         "worker (0: none; see docs/performance.rst)",
     )
+    parser.add_argument(
+        "--lane",
+        metavar="NAME=COUNT",
+        help="emails, responsive: start the pool with this lane, and noop on it "
+        "(e.g. interactive=4: the probe's calls run on its workers)",
+    )
 
 
 def _noop_direct_client_main(argv: list[str]) -> None:

@@ -56,6 +56,26 @@ def mail(to, subject, body):
 TASKS = {"bench_block": block, "bench_mail": mail}
 '''
 
+#: With ``--lane``: the examples and the bench tasks, but ``noop`` on that lane.
+LANE_TASKS_MODULE = "taskoffload_bench_lanes"
+LANE_TASKS_SOURCE = '''\
+"""The examples and the benchmark tasks, with noop on lane {lane!r}."""
+
+import taskoffload.examples as _examples
+from taskoffload.registry import TaskRegistry, task
+from taskoffload_bench_tasks import TASKS as _BENCH
+
+TASKS = {{
+    name: spec.function
+    for name, spec in TaskRegistry.from_functions(
+        value for value in vars(_examples).values() if hasattr(value, "__taskoffload_task__")
+    ).tasks.items()
+    if name != "noop"
+}}
+TASKS.update(_BENCH)
+TASKS["noop"] = task(lane={lane!r})(lambda: None)
+'''
+
 #: Seconds to wait for a started service to serve.
 START_TIMEOUT = 90.0
 
@@ -91,16 +111,20 @@ def start_all(
         f"tcp:{port}:interface=127.0.0.1",
         "--pool-listen",
         f"tcp:{pool_port}:interface=127.0.0.1",
-        "--tasks",
-        "taskoffload.examples",
-        "--tasks",
-        BENCH_TASKS_MODULE,
     ]
+    env = _bench_env(directory)
+    lane = getattr(options, "lane", None)
+    if lane:
+        name = lane.partition("=")[0]
+        Path(directory, f"{LANE_TASKS_MODULE}.py").write_text(LANE_TASKS_SOURCE.format(lane=name))
+        args += ["--lane", lane, "--tasks", LANE_TASKS_MODULE]
+    else:
+        args += ["--tasks", "taskoffload.examples", "--tasks", BENCH_TASKS_MODULE]
     if sink is not None:
         args += ["--smtp-host", "127.0.0.1", "--smtp-port", str(sink.port)]
     if options.prefetch:
         args += ["--prefetch", str(options.prefetch)]
-    service = TwistdTree(args, directory, _bench_env(directory)).start()
+    service = TwistdTree(args, directory, env).start()
     try:
         service.wait_for_log("Gateway listening on", START_TIMEOUT)
         service.wait_for_match(rf"All {options.count} workers serving", START_TIMEOUT)
