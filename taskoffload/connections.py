@@ -8,6 +8,7 @@ all, open and opening (:class:`ConnectionSet`).
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from collections.abc import Iterator
 from typing import Any, Final
@@ -22,6 +23,7 @@ from zope.interface import Interface
 from taskoffload import wire
 from taskoffload._transport import write_now
 from taskoffload.calls import Call, CallState
+from taskoffload.ingest import FairIngest
 from taskoffload.targets import Target
 
 __all__ = [
@@ -96,8 +98,12 @@ class TaskClientProtocol(LineReceiver):
         target: Target,
         max_message: int,
         secret: bytes | None = None,
+        ingest: FairIngest | None = None,
     ) -> None:
         self.MAX_LENGTH = max_message
+        #: If given, what the worker writes is handled in its turn (see
+        #: :mod:`taskoffload.ingest`), a bounded number of lines per reactor turn.
+        self._ingest = ingest
         self.owner = owner
         self.target = target
         self._secret = secret
@@ -128,6 +134,22 @@ class TaskClientProtocol(LineReceiver):
             self.send(_SESSION)
 
     def lineReceived(self, line: bytes) -> None:
+        ingest = self._ingest
+        if ingest is None:
+            self._line_received(line)
+        else:
+            # In its turn; no line after it is read before it is handled.
+            ingest.received(self, lambda: self._line_received(line), hold=True)
+
+    def pause_reading(self) -> None:
+        """Its lines wait for their turn: read no more of them for now."""
+        self.pauseProducing()
+
+    def resume_reading(self) -> None:
+        """Its waiting lines have been handled: read on."""
+        self.resumeProducing()
+
+    def _line_received(self, line: bytes) -> None:
         try:
             reply = wire.decode_reply(line)
         except wire.BadMessage as e:
@@ -187,6 +209,18 @@ class TaskClientProtocol(LineReceiver):
         self.owner.bad_reply(self, f"a reply longer than the limit of {self.MAX_LENGTH} bytes")
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        ingest = self._ingest
+        if ingest is not None and ingest.holds(self):
+            # Replies read before the loss are handled before it: those waiting
+            # their turn, and those read but not parsed while the turns paused it.
+            *lines, _partial = self.clearLineBuffer().split(self.delimiter)
+            for line in lines:
+                ingest.received(self, functools.partial(self._line_received, line))
+            ingest.received(self, lambda: self._connection_lost(reason))
+            return
+        self._connection_lost(reason)
+
+    def _connection_lost(self, reason: Failure) -> None:
         self.lost = True
         if not self.accepted and not self.ready.called:
             # Still queued in the pool's listening socket: nothing was sent on it.
@@ -265,15 +299,23 @@ class ConnectionFactory(Factory):
     noisy = False
 
     def __init__(
-        self, owner: IConnectionOwner, target: Target, max_message: int, secret: bytes | None
+        self,
+        owner: IConnectionOwner,
+        target: Target,
+        max_message: int,
+        secret: bytes | None,
+        ingest: FairIngest | None = None,
     ) -> None:
         self._owner = owner
         self._target = target
         self._max_message = max_message
         self._secret = secret
+        self._ingest = ingest
 
     def buildProtocol(self, addr: IAddress | None) -> TaskClientProtocol:
-        return TaskClientProtocol(self._owner, self._target, self._max_message, self._secret)
+        return TaskClientProtocol(
+            self._owner, self._target, self._max_message, self._secret, self._ingest
+        )
 
 
 class IdleConnections:

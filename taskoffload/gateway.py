@@ -105,6 +105,18 @@ class GatewayProtocol(WebSocketServerProtocol):
         if self._session is not None:
             self._session.close()
 
+    def dataReceived(self, data: bytes) -> None:
+        ingest = self.factory.ingest
+        if ingest.exhausted and self.state == self.STATE_OPEN:
+            # This turn has handled its share: parse these bytes in their turn
+            # (Autobahn parses every frame of a read at once), and read no more
+            # of this client until then.
+            ingest.received(
+                self, lambda: super(GatewayProtocol, self).dataReceived(data), hold=True
+            )
+            return
+        super().dataReceived(data)
+
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         session = self._session
         if session is not None:

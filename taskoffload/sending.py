@@ -8,7 +8,7 @@ line; and how it gives a call up and closes.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -23,10 +23,15 @@ from taskoffload.connections import (
     accepted,
 )
 from taskoffload.errors import TaskError
+from taskoffload.ingest import FairIngest
 from taskoffload.settling import Settler
 from taskoffload.targets import Target, Targets
 
-__all__ = ["Sender"]
+__all__ = ["REPLIES_PER_TURN", "Sender"]
+
+#: Reply lines one lane's connections have handled per reactor turn (each may
+#: send the next call, a system call that wakes a worker).
+REPLIES_PER_TURN: Final = 16
 
 
 class Sender:
@@ -73,6 +78,9 @@ class Sender:
         self._secret = secret
         self._prefetch = prefetch
         self._line = WaitingLine()
+        # The workers' replies, a bounded number per reactor turn: a burst of
+        # replies on this lane never holds another lane's for long.
+        self._ingest = FairIngest(reactor, per_turn=REPLIES_PER_TURN)
         self._connections = ConnectionSet(reactor, idle_timeout, prefetch)
         self._settler = Settler(self, self._line, self._connections, log)
 
@@ -214,7 +222,9 @@ class Sender:
 
     def _open(self, target: Target) -> None:
         """Start a connection attempt to ``target``."""
-        factory = ConnectionFactory(self._settler, target, self._max_message, self._secret)
+        factory = ConnectionFactory(
+            self._settler, target, self._max_message, self._secret, self._ingest
+        )
         attempt = target.connect(self._reactor, factory, self._connect_timeout)
         # Requests wait until the worker has accepted the connection, so none sits
         # in the listening socket's queue where a stopping pool would drop it.

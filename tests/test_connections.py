@@ -28,6 +28,7 @@ from taskoffload.connections import (
     TaskClientProtocol,
 )
 from taskoffload.errors import TaskError
+from taskoffload.ingest import FairIngest
 from taskoffload.targets import PoolAddress, Target
 from tests._trial_bridge import pytest_module
 
@@ -70,10 +71,12 @@ def call(request_id: int) -> Call:
 class Connection:
     """A protocol connected over a ``StringTransport`` to a worker that accepted it."""
 
-    def __init__(self, secret: bytes | None = None, worker: int = 7) -> None:
+    def __init__(
+        self, secret: bytes | None = None, worker: int = 7, ingest: FairIngest | None = None
+    ) -> None:
         self.owner = Owner()
         self.target = Target(PoolAddress.parse("tcp:h:1"))
-        self.protocol = TaskClientProtocol(self.owner, self.target, 200, secret)
+        self.protocol = TaskClientProtocol(self.owner, self.target, 200, secret, ingest)
         self.transport = StringTransport()
         self.protocol.makeConnection(self.transport)
         if secret is None:
@@ -408,6 +411,41 @@ def test_closing_waits_for_every_connection() -> None:
     connections.forget(connection.protocol)
     connections.check_closed()
     assert closed.called
+
+
+# Replies in their turn (with a FairIngest)
+
+
+def test_replies_beyond_a_turns_share_wait_for_the_next_turn_in_order() -> None:
+    """Four replies read at once with a share of two per turn: two are handled now,
+    the others in the next turn, in the order read, and the connection reads no
+    more meanwhile."""
+    clock = Clock()
+    ingest = FairIngest(clock, per_turn=2)
+    connection = Connection(ingest=ingest)  # the acknowledgement takes one of the two
+    connection.carry(1)
+    connection.carry(2, 3, 4, ahead=True)
+    connection.reply(result(1) + result(2) + result(3) + result(4))
+    assert [r[1] for r in connection.owner.reports] == [1]
+    assert connection.transport.producerState == "paused"
+    clock.advance(0)
+    assert [r[1] for r in connection.owner.reports] == [1, 2, 3, 4]
+    assert connection.transport.producerState == "producing"
+
+
+def test_a_loss_after_replies_read_is_reported_after_them() -> None:
+    """Replies read before the connection was lost are handled before the loss, in
+    their turn: a call the worker answered is answered, not lost."""
+    clock = Clock()
+    ingest = FairIngest(clock, per_turn=1)
+    connection = Connection(ingest=ingest)
+    connection.carry(1)
+    connection.carry(2, ahead=True)
+    connection.reply(result(1) + result(2))
+    connection.protocol.connectionLost(Failure(ConnectionLost("gone")))
+    assert connection.owner.reports == []  # the acknowledgement took this turn's share
+    clock.advance(0)
+    assert [r[0] for r in connection.owner.reports] == ["answered", "ahead_answered", "lost"]
 
 
 testSuite = pytest_module(__file__)

@@ -653,6 +653,7 @@ def test_share_before_the_pool_says_its_size(gateway: Gateway) -> None:
     peer = gateway.connect()
     for n in range(fairshare.FIRST_SHARE + 2):
         peer.send({"id": n, "function": "noop"})
+    gateway.clock.advance(0)  # the turns that take the messages beyond one turn's share
     assert len(gateway.pool.pending) == fairshare.FIRST_SHARE
     gateway.pool.pending[0].succeed(None)
     assert len(gateway.pool.pending) == fairshare.FIRST_SHARE

@@ -69,7 +69,8 @@ def test_messages_within_the_share_are_handled_at_once() -> None:
 def test_a_burst_does_not_hold_another_connections_message() -> None:
     """A burst of 20 messages on one connection, then one from another connection in
     the same turn: the first 4 go at once, and the other connection's message is
-    handled in the next turn before the burst's 5th."""
+    the first the next turn handles, before the burst's 5th (the burst had its
+    turn)."""
     clock = Turns()
     ingest = FairIngest(clock, per_turn=4, max_waiting=100)
     burst, probe = Source("burst"), Source("probe")
@@ -80,15 +81,15 @@ def test_a_burst_does_not_hold_another_connections_message() -> None:
     assert handled == [("burst", n) for n in range(4)]
     assert ingest.waiting == 17
     clock.turn()
-    assert handled[4:6] == [("burst", 4), ("probe", 0)]
+    assert handled[4:6] == [("probe", 0), ("burst", 4)]
     while ingest.waiting:
         clock.turn()
     assert [n for name, n in handled if name == "burst"] == list(range(20))
 
 
 def test_each_turn_takes_one_message_from_each_connection_in_turn() -> None:
-    """Three connections with messages waiting: each turn takes them round-robin,
-    one per connection, and no connection is starved by being late in the order."""
+    """Three connections with messages waiting: the turns take them round-robin,
+    one per connection, however the turns' shares fall, so none is starved."""
     clock = Turns()
     ingest = FairIngest(clock, per_turn=2, max_waiting=100)
     sources = [Source(name) for name in "abc"]
@@ -99,9 +100,81 @@ def test_each_turn_takes_one_message_from_each_connection_in_turn() -> None:
         for source in sources:
             ingest.received(source, recorder(handled, source, n))
     handled.clear()
+    for _ in range(4):
+        clock.turn()
+    names = [name for name, _ in handled]
+    assert len(names) == 8
+    for start in (0, 3):
+        assert sorted(names[start : start + 3]) == ["a", "b", "c"], names
+    assert names[6:] == names[:2]
+
+
+def test_a_connection_with_none_waiting_goes_ahead_of_those_that_had_turns() -> None:
+    """Two connections with long queues have had turns; a third's first message
+    waits for the next turn, and is the first that turn handles."""
+    clock = Turns()
+    ingest = FairIngest(clock, per_turn=2, max_waiting=100)
+    a, b, probe = Source("a"), Source("b"), Source("probe")
+    handled: list[tuple[str, int]] = []
+    for n in range(10):
+        ingest.received(a, recorder(handled, a, n))
+        ingest.received(b, recorder(handled, b, n))
     clock.turn()
+    ingest.received(probe, recorder(handled, probe, 0))
+    handled.clear()
     clock.turn()
-    assert [name for name, _ in handled] == ["a", "b", "c", "a"]
+    assert handled[0] == ("probe", 0), handled
+
+
+def test_what_a_served_connection_brings_waits_behind_the_others() -> None:
+    """A connection whose waiting read, handled in its turn, brings more messages than
+    the turn's share: the first is handled then, in its turn, and the rest wait
+    behind another connection's message that came after the read."""
+    clock = Turns()
+    ingest = FairIngest(clock, per_turn=2, max_waiting=100)
+    busy, burst, other = Source("busy"), Source("burst"), Source("other")
+    handled: list[tuple[str, int]] = []
+
+    def read_of_ten() -> None:
+        for n in range(10):
+            ingest.received(burst, recorder(handled, burst, n))
+
+    ingest.received(busy, lambda: None)
+    ingest.received(busy, lambda: None)  # this turn's share taken
+    ingest.received(burst, read_of_ten)
+    ingest.received(other, recorder(handled, other, 0))
+    clock.turn()  # the read, and the first message it brings: the turn's share
+    assert handled == [("burst", 0)]
+    clock.turn()
+    assert handled[1] == ("other", 0), handled
+    while ingest.waiting:
+        clock.turn()
+    assert [n for name, n in handled if name == "burst"] == list(range(10))
+
+
+def test_one_turn_is_scheduled_at_a_time() -> None:
+    """Messages that arrive while a turn handles others (a parsed read brings more)
+    schedule no second turn: one turn at a time, so the share holds for each."""
+    clock = Turns()
+    ingest = FairIngest(clock, per_turn=2, max_waiting=100)
+    a, b = Source("a"), Source("b")
+    handled: list[tuple[str, int]] = []
+
+    def brings_more(n: int) -> Callable[[], None]:
+        def handle() -> None:
+            handled.append(("a", n))
+            ingest.received(b, recorder(handled, b, n))
+
+        return handle
+
+    for n in range(10):
+        ingest.received(a, brings_more(n))
+    for _ in range(5):
+        assert len(clock.getDelayedCalls()) == 1
+        before = len(handled)
+        clock.turn()
+        assert len(handled) - before <= 2
+    assert len(clock.getDelayedCalls()) == 1
 
 
 def test_the_count_starts_again_each_turn() -> None:

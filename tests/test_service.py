@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs, formatEvent
 from twisted.web.server import Site
 
+from taskoffload import service as service_module
 from taskoffload.service import GatewayService
 from tests._trial_bridge import pytest_module
 
@@ -42,6 +44,24 @@ def test_privileged_start_listens_before_start() -> None:
     assert [formatEvent(e) for e in events if "listening" in e.get("log_format", "")] == [
         f"Gateway listening on {service.port.getHost()}, sending tasks to {POOL}"
     ]
+
+
+def test_a_started_gateway_freezes_its_heap_once_the_reactor_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Once listening, the gateway moves what is alive out of the collector's sight
+    when the reactor runs (gc.freeze), so full collections do not pause it; a gateway
+    that cannot listen does not."""
+    frozen: list[bool] = []
+    monkeypatch.setattr(service_module.gc, "freeze", lambda: frozen.append(True))
+    reactor = MemoryReactorClock()
+    service = gateway(reactor)
+    service.privilegedStartService()
+    service.startService()
+    assert frozen == []
+    for hook, args, kwargs in reactor.whenRunningHooks:
+        hook(*args, **kwargs)
+    assert frozen == [True]
 
 
 def test_start_alone_listens_once() -> None:
