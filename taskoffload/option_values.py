@@ -7,13 +7,18 @@ The values of ``twistd taskoffload``'s options: reading and checking them
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from typing import Any
 
 from twisted.python import usage
 
+from taskoffload.agent import check_agent_listen
 from taskoffload.lanes import Lane, lane_listen
 from taskoffload.targets import parse_lane_address
 
 __all__ = [
+    "check_access",
+    "check_gateway_processes",
     "check_lanes",
     "check_on_loopback",
     "check_pool_addresses",
@@ -95,6 +100,56 @@ def check_lanes(lanes: list[Lane], role: str, count: int, listen: str) -> None:
             lane_listen(listen, lane.name)
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
+
+
+def check_gateway_processes(count: int, role: str, listen: str) -> None:
+    """
+    Check ``--gateway-processes``: for a gateway, and above 1 only on a ``tcp:``,
+    ``tcp6:`` or ``unix:`` port (the processes share the socket; TLS would need
+    each to hold the keys and wrap it: terminate TLS in front instead).
+
+    :raises usage.UsageError: saying what is wrong.
+    """
+    if count == 1:
+        return
+    if role == "worker":
+        raise usage.UsageError("--gateway-processes is for a gateway (--role=gateway or all)")
+    if listen.split(":", 1)[0] not in ("tcp", "tcp6", "unix"):
+        raise usage.UsageError(
+            f"--gateway-processes {count} serves a tcp:, tcp6: or unix: --listen, not "
+            f"{listen!r}: terminate TLS in front of the gateway (HAProxy, docs/operations.rst), "
+            "or run one process"
+        )
+
+
+def check_access(options: Mapping[str, Any]) -> None:
+    """
+    Check ``--agent-listen``, ``--status-listen``, ``--token-file`` and
+    ``--allowed-origin`` for the role.
+
+    :param options: the parsed options.
+    :raises usage.UsageError: saying what is wrong.
+    """
+    role, status_listen = options["role"], options["status-listen"]
+    check_agent_listen(role, options["agent-listen"])
+    if status_listen is not None:
+        if role != "worker":
+            raise usage.UsageError(
+                "--status-listen is for --role=worker; the gateway serves /status and "
+                "/metrics on its own --listen"
+            )
+        if status_listen.split(":", 1)[0] not in ("tcp", "tcp6", "unix", "ssl"):
+            raise usage.UsageError(
+                f"--status-listen {status_listen!r}: expected an endpoint such as "
+                "tcp:9090:interface=127.0.0.1"
+            )
+    if role == "worker" and (
+        options["allowed-origin"] or (options["token-file"] and status_listen is None)
+    ):
+        raise usage.UsageError(
+            "--token-file and --allowed-origin are for the gateway (--role=gateway or "
+            "all); a pool takes --token-file only with --status-listen"
+        )
 
 
 def check_pool_addresses(addresses: list[str]) -> None:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Final
 
+import attrs
 from twisted.application.service import Service
 from twisted.internet import defer, task
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
@@ -21,11 +22,37 @@ from taskoffload.defaults import AUTO_PING, STOP_TIMEOUT
 from taskoffload.gateway import GatewayFactory
 from taskoffload.interfaces import ITaskPool
 from taskoffload.session import GatewayLimits
+from taskoffload.shared_metrics import (
+    SharedGatewayMetrics,
+    read_pool_status,
+    shared_gateway_status,
+)
 from taskoffload.stats import GatewayMetrics, GatewayStats
 from taskoffload.supervisor import WorkerPoolService
 from taskoffload.web import make_site, status_document
 
-__all__ = ["GatewayService", "pool_address"]
+__all__ = ["SAMPLE_INTERVAL", "GatewayService", "SharedPort", "pool_address"]
+
+#: Seconds between writes of a shared gateway process's gauges.
+SAMPLE_INTERVAL: Final = 0.25
+
+
+@attrs.frozen
+class SharedPort:
+    """
+    What one of several gateway processes on one port serves with.
+
+    :ivar fd: the listening socket, inherited from the parent.
+    :ivar family: its address family: ``socket.AF_INET``, ``AF_INET6`` or ``AF_UNIX``.
+    :ivar directory: the directory of the processes' shared counters.
+    :ivar pool_in_parent: the parent runs the pool (role all) and writes its state there.
+    """
+
+    fd: int
+    family: int
+    directory: str
+    pool_in_parent: bool = False
+
 
 _log = Logger(namespace="taskoffload.gateway")
 
@@ -58,6 +85,10 @@ class GatewayService(Service):
     :param access: who may use the site; by default anyone.
     :param prefetch: how many calls the gateway's ``TaskClient`` may send ahead
         to each busy worker (see :class:`~taskoffload.client.TaskClient`).
+    :param shared: for one of several gateway processes on one port: the socket
+        it serves (inherited from the parent, with its address family) instead of
+        ``listen``, and the directory of the counters the processes share
+        (:mod:`taskoffload.shared_metrics`).
     """
 
     def __init__(
@@ -72,7 +103,9 @@ class GatewayService(Service):
         access: GatewayAccess | None = None,
         secret: bytes | None = None,
         prefetch: int = 0,
+        shared: SharedPort | None = None,
     ) -> None:
+        self.shared = shared
         self.secret = secret
         self.prefetch = prefetch
         self.stop_timeout = stop_timeout
@@ -84,6 +117,8 @@ class GatewayService(Service):
         self.access = access or GatewayAccess()
         self._reactor = reactor
         self.client: ITaskPool | None = None
+        self._metrics: GatewayMetrics | SharedGatewayMetrics | None = None
+        self._sampling: task.LoopingCall | None = None
         self.port: IListeningPort | None = None
         self.stats: GatewayStats | None = None
         self.factory: GatewayFactory | None = None
@@ -110,8 +145,13 @@ class GatewayService(Service):
         def pool() -> dict[str, Any] | None:
             if self.pool_service is not None:
                 return self.pool_service.status()
+            if self.shared is not None and self.shared.pool_in_parent:
+                return read_pool_status(self.shared.directory)
             return {"addresses": self._addresses()}
 
+        if self.shared is not None and isinstance(self._metrics, SharedGatewayMetrics):
+            # Every process's counts, whichever process answers.
+            return {"gateway": shared_gateway_status(self._metrics.counts), "pool": pool()}
         document = status_document(self.stats, pool)
         if self.factory is not None:
             document["gateway"]["lanes"] = self.factory.fair_share.status()
@@ -139,7 +179,12 @@ class GatewayService(Service):
         self.client = TaskClient(
             self.reactor, self._addresses(), secret=self.secret, prefetch=self.prefetch
         )
-        metrics = GatewayMetrics(lambda: self.status())
+        metrics: GatewayMetrics | SharedGatewayMetrics
+        if self.shared is not None:
+            metrics = SharedGatewayMetrics(lambda: self.status())
+        else:
+            metrics = GatewayMetrics(lambda: self.status())
+        self._metrics = metrics
         self.stats = GatewayStats(on_finished=metrics.finished)
         self.factory = factory = GatewayFactory(
             self.client,
@@ -150,12 +195,22 @@ class GatewayService(Service):
             access=self.access,
         )
         site = make_site(factory, self.status, metrics)
-        endpoint = serverFromString(self.reactor, self.listen)
-        self._listening = endpoint.listen(site).addCallbacks(self._bound, self._cannot_listen)
+        if self.shared is not None:
+            listening: Deferred[IListeningPort] = defer.maybeDeferred(
+                self.reactor.adoptStreamPort, self.shared.fd, self.shared.family, site
+            )
+        else:
+            listening = serverFromString(self.reactor, self.listen).listen(site)
+        self._listening = listening.addCallbacks(self._bound, self._cannot_listen)
         return self._listening
 
     def _bound(self, port: IListeningPort) -> IListeningPort:
         self.port = port
+        metrics, stats = self._metrics, self.stats
+        if isinstance(metrics, SharedGatewayMetrics) and stats is not None:
+            self._sampling = task.LoopingCall(metrics.sample, stats)
+            self._sampling.clock = self.reactor
+            self._sampling.start(SAMPLE_INTERVAL)
         return port
 
     def _cannot_listen(self, failure: Failure) -> None:
@@ -182,6 +237,8 @@ class GatewayService(Service):
         return defer.ensureDeferred(self._stop())
 
     async def _stop(self) -> None:
+        if self._sampling is not None and self._sampling.running:
+            self._sampling.stop()
         if self.port is not None:
             port, self.port = self.port, None
             stopped = port.stopListening()

@@ -22,7 +22,7 @@ from taskoffload.config import PoolConfig
 from taskoffload.lanes import DEFAULT_LANE, lane_listen
 from taskoffload.slots import SlotState, WorkerSlot
 
-__all__ = ["PoolSockets", "lane_status"]
+__all__ = ["PoolSockets", "bind_never_accepting", "lane_status"]
 
 _log = Logger(namespace="taskoffload.supervisor")
 
@@ -42,6 +42,25 @@ class _NeverAccept(Factory):
 
     def buildProtocol(self, addr: Any) -> Protocol | None:
         return None
+
+
+def bind_never_accepting(reactor: Any, description: str) -> IListeningPort:
+    """
+    Listen on the server endpoint ``description`` (with a generous backlog), for
+    children to accept on: this process never does.
+
+    :raises Exception: what the endpoint raised, if it cannot listen.
+    """
+    endpoint = serverFromString(reactor, _with_backlog(description))
+    ports: list[IListeningPort] = []
+    failures: list[Failure] = []
+    endpoint.listen(_NeverAccept()).addCallbacks(ports.append, failures.append)
+    if failures:
+        failures[0].raiseException()
+    if not ports:
+        raise RuntimeError(f"{description}: the endpoint did not listen at once")
+    ports[0].stopReading()  # type: ignore[attr-defined]  # tcp.Port and unix.Port are FileDescriptors
+    return ports[0]
 
 
 class PoolSockets:
@@ -88,17 +107,7 @@ class PoolSockets:
         return attrs.evolve(config, lanes=tuple(lanes))
 
     def _bind(self, description: str) -> IListeningPort:
-        endpoint = serverFromString(self._reactor(), _with_backlog(description))
-        ports: list[IListeningPort] = []
-        failures: list[Failure] = []
-        endpoint.listen(_NeverAccept()).addCallbacks(ports.append, failures.append)
-        if failures:
-            failures[0].raiseException()
-        if not ports:
-            raise RuntimeError(f"{description}: the endpoint did not listen at once")
-        # The supervisor only holds the socket; its children accept on it.
-        ports[0].stopReading()  # type: ignore[attr-defined]  # tcp.Port and unix.Port are FileDescriptors
-        return ports[0]
+        return bind_never_accepting(self._reactor(), description)
 
     def _all(self) -> list[IListeningPort]:
         return [self.port, *self.lane_ports] if self.port is not None else []

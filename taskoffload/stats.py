@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 from prometheus_client import Counter as PrometheusCounter
@@ -131,6 +131,10 @@ class GatewayStats:
         }
 
 
+#: The buckets of ``taskoffload_request_seconds``, in seconds.
+LATENCY_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)  # fmt: skip
+
+
 class GatewayMetrics:
     """
     Prometheus metrics of one gateway, in a registry of their own.
@@ -151,7 +155,7 @@ class GatewayMetrics:
             "taskoffload_request_seconds",
             "Seconds from a request reaching the gateway to its final reply.",
             registry=self.registry,
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            buckets=LATENCY_BUCKETS,
         )
         clients = Gauge(
             "taskoffload_clients", "WebSocket clients connected.", registry=self.registry

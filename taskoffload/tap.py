@@ -10,7 +10,7 @@ from twisted.application.service import IService, MultiService
 from twisted.python import usage
 
 from taskoffload import wire
-from taskoffload.agent import AgentService, check_agent_listen
+from taskoffload.agent import AgentService
 from taskoffload.defaults import (
     AUTO_PING,
     DEFAULT_GATEWAY_LISTEN,
@@ -26,6 +26,8 @@ from taskoffload.option_values import (
     _positive_float,
     _positive_int,
     _whole_seconds,
+    check_access,
+    check_gateway_processes,
     check_lanes,
     check_on_loopback,
     check_pool_addresses,
@@ -159,6 +161,14 @@ class Options(usage.Options):
             _positive_int,
         ],
         [
+            "gateway-processes",
+            None,
+            1,
+            "Gateway: processes serving its port (one shared socket); more than 1 pays "
+            "with more cores than one process can use (docs/performance.rst).",
+            _positive_int,
+        ],
+        [
             "prefetch",
             None,
             0,
@@ -271,7 +281,8 @@ class Options(usage.Options):
             raise usage.UsageError("--pool is for --role=gateway; role all uses its own pool")
         listen = self["listen"] if self["role"] == "worker" else self["pool-listen"]
         check_lanes(self["lane"], self["role"], self["count"], listen)
-        self._check_access()
+        check_gateway_processes(self["gateway-processes"], self["role"], self["listen"])
+        check_access(self)
         if self["token-file"] is not None:
             self["token"] = read_token(self["token-file"])
         self["secret"] = None
@@ -289,28 +300,6 @@ class Options(usage.Options):
                     f"--allowed-origin {origin!r}: expected an origin such as "
                     "https://example.com or http://localhost:8080"
                 )
-
-    def _check_access(self) -> None:
-        """Check ``--status-listen``, ``--token-file`` and ``--allowed-origin`` for the role."""
-        check_agent_listen(self["role"], self["agent-listen"])
-        if self["status-listen"] is not None:
-            if self["role"] != "worker":
-                raise usage.UsageError(
-                    "--status-listen is for --role=worker; the gateway serves /status and "
-                    "/metrics on its own --listen"
-                )
-            if self["status-listen"].split(":", 1)[0] not in ("tcp", "tcp6", "unix", "ssl"):
-                raise usage.UsageError(
-                    f"--status-listen {self['status-listen']!r}: expected an endpoint such as "
-                    "tcp:9090:interface=127.0.0.1"
-                )
-        if self["role"] == "worker" and (
-            self["allowed-origin"] or (self["token-file"] and self["status-listen"] is None)
-        ):
-            raise usage.UsageError(
-                "--token-file and --allowed-origin are for the gateway (--role=gateway or "
-                "all); a pool takes --token-file only with --status-listen"
-            )
 
     def pool_config(self, listen: str) -> PoolConfig:
         """:return: the worker pool's configuration from these options."""
@@ -401,6 +390,9 @@ def makeService(options: Options) -> IService:
         pool.setServiceParent(top)
         if options["agent-listen"] is not None:
             AgentService(options["agent-listen"], pool).setServiceParent(top)
+    if options["gateway-processes"] > 1:
+        gateway_processes(options, pool).setServiceParent(top)
+        return top
     GatewayService(
         listen=options["listen"],
         pool_addresses=options["pool"],
@@ -413,3 +405,43 @@ def makeService(options: Options) -> IService:
         prefetch=options["prefetch"],
     ).setServiceParent(top)
     return top
+
+
+def gateway_processes(options: Options, pool: WorkerPoolService | None) -> IService:
+    """:return: ``--gateway-processes`` gateway processes on ``--listen``."""
+    from taskoffload._gateway_child import child_config
+    from taskoffload.gateway_processes import GatewayProcesses
+    from taskoffload.service import pool_address
+
+    limits = options.gateway_limits()
+
+    def config(index: int, directory: str, family: int) -> bytes:
+        addresses = options["pool"]
+        if pool is not None and pool.port is not None:
+            addresses = [pool_address(pool.port)]
+        return child_config(
+            index=index,
+            family=family,
+            directory=directory,
+            pool_in_parent=pool is not None,
+            pool_addresses=addresses,
+            limits={
+                "max_inflight_per_client": limits.max_inflight_per_client,
+                "max_pending": limits.max_pending,
+                "max_message": limits.max_message,
+            },
+            auto_ping=options["auto-ping"],
+            stop_timeout=options["stop-timeout"],
+            token=options["token"],
+            allowed_origins=options["allowed-origin"],
+            secret=options["secret"],
+            prefetch=options["prefetch"],
+        )
+
+    return GatewayProcesses(
+        options["listen"],
+        options["gateway-processes"],
+        config,
+        pool_status=pool.status if pool is not None else None,
+        stop_timeout=options["stop-timeout"],
+    )

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.web.pages import notFound
@@ -18,6 +18,9 @@ from taskoffload.access import GatewayAccess
 from taskoffload.gateway import GatewayFactory
 from taskoffload.readouts import Metrics, Status, TokenRequired, access_log_line
 from taskoffload.stats import GatewayMetrics, GatewayStats
+
+if TYPE_CHECKING:
+    from taskoffload.shared_metrics import SharedGatewayMetrics
 
 # GatewayMetrics lives in taskoffload.stats, access_log_line in taskoffload.readouts;
 # both are re-exported here.
@@ -51,14 +54,14 @@ class _Root(Resource):
 def make_site(
     factory: GatewayFactory,
     status: Callable[[], dict[str, Any]],
-    metrics: GatewayMetrics,
+    metrics: GatewayMetrics | SharedGatewayMetrics,
     access: GatewayAccess | None = None,
 ) -> Site:
     """
     :param factory: the WebSocket factory served at ``/ws`` (which checks its
         own handshakes).
     :param status: returns the JSON document served at ``/status``.
-    :param metrics: served at ``/metrics``.
+    :param metrics: served at ``/metrics`` (its ``registry``).
     :param access: who may read ``/status`` and ``/metrics``; by default, the
         WebSocket factory's.
     """
