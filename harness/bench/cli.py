@@ -231,6 +231,13 @@ def _add_target_options(parser: argparse.ArgumentParser) -> None:
         "worker (0: none; see docs/performance.rst)",
     )
     parser.add_argument(
+        "--gateway-processes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="emails, responsive, noop-gateway: the started gateway's processes (1)",
+    )
+    parser.add_argument(
         "--lane",
         metavar="NAME=COUNT",
         help="emails, responsive: start the pool with this lane, and noop on it "

@@ -124,9 +124,14 @@ def start_all(
         args += ["--smtp-host", "127.0.0.1", "--smtp-port", str(sink.port)]
     if options.prefetch:
         args += ["--prefetch", str(options.prefetch)]
+    processes = getattr(options, "gateway_processes", 1)
+    if processes > 1:
+        args += ["--gateway-processes", str(processes)]
     service = TwistdTree(args, directory, env).start()
     try:
         service.wait_for_log("Gateway listening on", START_TIMEOUT)
+        for index in range(processes if processes > 1 else 0):
+            service.wait_for_match(rf"gateway {index}: .*Gateway listening on", START_TIMEOUT)
         service.wait_for_match(rf"All {options.count} workers serving", START_TIMEOUT)
     except BaseException:
         service.stop()

@@ -152,7 +152,9 @@ class PageBrowserTests(IntegrationTestCase):
         # The pool table is refreshed from /status every second.
         rows = page.locator("#workers tr")
         expect(rows).to_have_count(4)
-        expect(page.locator("#workers td:nth-child(3)")).to_have_text(["serving"] * 4)
+        # Columns: index, lane, pid, state.
+        expect(page.locator("#workers td:nth-child(2)")).to_have_text(["default"] * 4)
+        expect(page.locator("#workers td:nth-child(4)")).to_have_text(["serving"] * 4)
         expect(page.locator("#pool-summary")).to_have_text("4/4 serving, 0 restarts")
 
         # The gateway's counters, refreshed from /status as well, catch up with the batch.
