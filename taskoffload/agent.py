@@ -38,6 +38,7 @@ from twisted.python import usage
 
 from taskoffload.config import PoolConfig
 from taskoffload.lanes import DEFAULT_LANE
+from taskoffload.signals import stop_when_running
 from taskoffload.slots import SlotState, WorkerSlot
 
 __all__ = [
@@ -218,10 +219,7 @@ class AgentService(Service):
         # As the pool's status site does: a pool meant to be balanced by its load
         # must not run with the balancer blind to it.
         _log.failure("The pool cannot answer agent checks on {listen}", failure, listen=self.listen)
-        if self._reactor.running:
-            self._reactor.stop()
-        else:
-            self._reactor.callWhenRunning(self._reactor.stop)
+        stop_when_running(self._reactor)
 
     def stopService(self) -> Deferred[None]:
         """

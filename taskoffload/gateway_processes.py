@@ -28,6 +28,7 @@ import tempfile
 from collections.abc import Callable
 from typing import Any, Final
 
+from prometheus_client import multiprocess
 from twisted.application.service import Service
 from twisted.internet import defer, task
 from twisted.internet.defer import Deferred
@@ -57,6 +58,8 @@ class _ChildProtocol(ProcessProtocol):
         self._ended = ended
         self._partial = b""
         self.exited: Deferred[None] = Deferred()
+        #: Its process id, once spawned.
+        self.pid: int | None = None
 
     def outReceived(self, data: bytes) -> None:
         *lines, self._partial = (self._partial + data).split(b"\n")
@@ -163,18 +166,46 @@ class GatewayProcesses(Service):
             env=env,
             childFDs={0: "w", 1: "r", 2: "r", LISTEN_FD: self.port.fileno()},  # type: ignore[attr-defined]
         )
+        protocol.pid = transport.pid
         transport.write(self._config(index, self.directory, self._family()))
         self.children[index] = protocol
 
     def _ended(self, protocol: _ChildProtocol, reason: Failure) -> None:
         if self.children.get(protocol.index) is protocol:
             del self.children[protocol.index]
+        if self.directory is not None and protocol.pid is not None:
+            # Its counters stay (totals never fall); its gauges (clients, in
+            # flight) go with it.
+            multiprocess.mark_process_dead(protocol.pid, self.directory)
         if self._stopping:
             return
         how = "exited" if reason.check(ProcessDone) else f"ended ({reason.getErrorMessage()})"
         _log.warn("Gateway process {index} {how}; replacing it", index=protocol.index, how=how)
         self.replaced += 1
         self._spawn(protocol.index)
+
+    def _wait_or_kill(self, children: list[_ChildProtocol]) -> Deferred[None]:
+        """
+        :return: a Deferred firing once every one of ``children`` has exited, or
+            when those left are killed, ``--stop-timeout`` + 2 s from now.
+        """
+        done: Deferred[None] = Deferred()
+
+        def ended(_: object) -> None:
+            if not done.called:
+                timer.cancel()
+                done.callback(None)
+
+        def overdue() -> None:
+            _log.warn("Gateway processes still running after the stop timeout; killing them")
+            for protocol in children:
+                if protocol.pid is not None and not protocol.exited.called:
+                    os.kill(protocol.pid, signal.SIGKILL)
+            done.callback(None)
+
+        timer = self.reactor.callLater(self.stop_timeout + 2.0, overdue)
+        defer.gatherResults([p.exited for p in children]).addBoth(ended)
+        return done
 
     def pids(self) -> list[int]:
         """:return: the process ids of the gateway processes running."""
@@ -198,15 +229,7 @@ class GatewayProcesses(Service):
             if protocol.transport is not None:
                 protocol.transport.signalProcess("TERM")
         if children:
-            exited = defer.gatherResults([p.exited for p in children])
-            exited.addTimeout(self.stop_timeout + 2.0, self.reactor)
-            try:
-                await exited
-            except defer.TimeoutError:
-                _log.warn("Gateway processes still running after the stop timeout; killing them")
-                for protocol in children:
-                    if protocol.transport is not None and protocol.transport.pid is not None:  # type: ignore[attr-defined]
-                        os.kill(protocol.transport.pid, signal.SIGKILL)  # type: ignore[attr-defined]
+            await self._wait_or_kill(children)
         if self.port is not None:
             port, self.port = self.port, None
             stopped = port.stopListening()

@@ -26,6 +26,7 @@ from twisted.web.server import Site
 
 from taskoffload.access import GatewayAccess
 from taskoffload.readouts import Metrics, Status, TokenRequired, access_log_line
+from taskoffload.signals import stop_when_running
 
 __all__ = ["PoolCollector", "PoolStatusService", "pool_site"]
 
@@ -125,10 +126,7 @@ class PoolStatusService(Service):
     def _failed(self, failure: Any) -> None:
         # As the gateway does: a pool asked to be observable must not run unseen.
         _log.failure("The pool cannot serve its status on {listen}", failure, listen=self.listen)
-        if self._reactor.running:
-            self._reactor.stop()
-        else:
-            self._reactor.callWhenRunning(self._reactor.stop)
+        stop_when_running(self._reactor)
 
     def stopService(self) -> Deferred[None]:
         super().stopService()

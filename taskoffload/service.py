@@ -27,6 +27,7 @@ from taskoffload.shared_metrics import (
     read_pool_status,
     shared_gateway_status,
 )
+from taskoffload.signals import stop_when_running
 from taskoffload.stats import GatewayMetrics, GatewayStats
 from taskoffload.supervisor import WorkerPoolService
 from taskoffload.web import make_site, status_document
@@ -215,10 +216,7 @@ class GatewayService(Service):
 
     def _cannot_listen(self, failure: Failure) -> None:
         _log.failure("The gateway cannot listen on {listen}", failure, listen=self.listen)
-        if self.reactor.running:
-            self.reactor.stop()
-        else:
-            self.reactor.callWhenRunning(self.reactor.stop)
+        stop_when_running(self.reactor)
 
     def _log_listening(self, port: IListeningPort | None) -> IListeningPort | None:
         if port is not None:

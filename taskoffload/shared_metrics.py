@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, mult
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from taskoffload.stats import LATENCY_BUCKETS, GatewayStats, LaneCollector
+from taskoffload.stats import LATENCY_BUCKETS, GatewayStats, LaneCollector, ReplyCounter
 
 __all__ = [
     "MULTIPROCESS_DIRECTORY",
@@ -79,7 +79,7 @@ class _PoolGauges(Collector):
         )
 
 
-class SharedGatewayMetrics:
+class SharedGatewayMetrics(ReplyCounter):
     """
     The gateway's metrics in multiprocess mode: what :class:`GatewayMetrics
     <taskoffload.stats.GatewayMetrics>` counts, summed over every process.
@@ -124,16 +124,6 @@ class SharedGatewayMetrics:
         multiprocess.MultiProcessCollector(self.registry)
         self.registry.register(_PoolGauges(status_source))
         self.registry.register(LaneCollector(status_source))
-
-    def finished(self, function: str, outcome: str, seconds: float) -> None:
-        """Record one final reply (see :class:`~taskoffload.stats.GatewayStats`)."""
-        key = (function, outcome)
-        counter = self._requests_by_key.get(key)
-        if counter is None:
-            counter = self._requests_by_key[key] = self.requests.labels(function, outcome)
-        counter.inc()
-        if outcome != "overloaded":
-            self.latency.observe(seconds)
 
     def sample(self, stats: GatewayStats) -> None:
         """Write this process's gauges (clients, requests in flight) to its files."""

@@ -15,7 +15,7 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.logger import Logger
 
-__all__ = ["ExitZeroOnSigterm"]
+__all__ = ["ExitZeroOnSigterm", "stop_when_running"]
 
 _log = Logger(namespace="taskoffload")
 
@@ -52,3 +52,14 @@ class ExitZeroOnSigterm(Service):
         if self.running and self.reactor.running:
             _log.info("Received SIGTERM: stopping gracefully")
             self.reactor.stop()
+
+
+def stop_when_running(reactor: Any) -> None:
+    """
+    Stop ``reactor``: now if it runs, else as soon as it does (a service that
+    cannot bind its port finds out before twistd runs the reactor).
+    """
+    if reactor.running:
+        reactor.stop()
+    else:
+        reactor.callWhenRunning(reactor.stop)

@@ -135,7 +135,31 @@ class GatewayStats:
 LATENCY_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)  # fmt: skip
 
 
-class GatewayMetrics:
+class ReplyCounter:
+    """
+    Counts each final reply in ``requests`` (by function and outcome) and its
+    latency in ``latency``: what the gateway's metrics, one process's or shared,
+    record alike.
+    """
+
+    requests: Any
+    latency: Any
+    _requests_by_key: dict[tuple[str, str], Any]
+
+    def finished(self, function: str, outcome: str, seconds: float) -> None:
+        """Record one final reply (see :class:`GatewayStats`)."""
+        # labels() takes a lock and validates its arguments on every call; the
+        # names are bounded (GatewayStats), so their children can be kept.
+        key = (function, outcome)
+        counter = self._requests_by_key.get(key)
+        if counter is None:
+            counter = self._requests_by_key[key] = self.requests.labels(function, outcome)
+        counter.inc()
+        if outcome != "overloaded":
+            self.latency.observe(seconds)
+
+
+class GatewayMetrics(ReplyCounter):
     """
     Prometheus metrics of one gateway, in a registry of their own.
 
@@ -187,18 +211,6 @@ class GatewayMetrics:
         inflight.set_function(lambda: gateway().get("inflight", 0))
         workers.set_function(lambda: pool().get("serving", 0))
         restarts.set_function(lambda: pool().get("restarts", 0))
-
-    def finished(self, function: str, outcome: str, seconds: float) -> None:
-        """Record one final reply (see :class:`GatewayStats`)."""
-        # labels() takes a lock and validates its arguments on every call; the
-        # names are bounded (GatewayStats), so their children can be kept.
-        key = (function, outcome)
-        counter = self._requests_by_key.get(key)
-        if counter is None:
-            counter = self._requests_by_key[key] = self.requests.labels(function, outcome)
-        counter.inc()
-        if outcome != "overloaded":
-            self.latency.observe(seconds)
 
 
 class LaneCollector(Collector):
