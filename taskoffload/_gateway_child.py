@@ -4,7 +4,9 @@ started by :class:`~taskoffload.gateway_processes.GatewayProcesses` as
 ``python -m taskoffload._gateway_child``.
 
 It reads its configuration, one JSON line, on standard input
-(:func:`child_config` writes it), serves the gateway on the listening socket it
+(:func:`child_config` writes it), builds its service, waits for the line
+``serve`` (at once for a process started to serve; a spare waits until a dead
+process's place is its), then serves the gateway on the listening socket it
 inherits as fd 3 until ``SIGTERM``, then drains like a lone gateway: it stops
 taking connections and lets the requests in flight finish.  Its log goes to
 standard output, which the parent logs.  It dies with its parent.
@@ -109,6 +111,9 @@ def main() -> None:
         [textFileLogObserver(sys.stdout, timeFormat="")], redirectStandardIO=False
     )
     service = service_from_config(config, reactor)
+    # Started; a spare waits here until told to serve (or its parent is gone).
+    if sys.stdin.buffer.readline().strip() != b"serve":
+        sys.exit(0)
     service.privilegedStartService()
     service.startService()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)

@@ -7,8 +7,9 @@ WebSocket port.
 starts N processes (:mod:`taskoffload._gateway_child`) that inherit it, as the
 pool's workers inherit theirs: one shared socket, one accept queue, whichever
 process is free takes the next connection.  A process that dies is replaced at
-once, and the connections it had not yet accepted stay in the queue for the
-others (with ``SO_REUSEPORT`` each process would have a queue of its own, and
+at once by a spare process started beforehand (its modules imported, waiting
+to be told to serve), and the connections it had not yet accepted stay in the
+queue for the others (with ``SO_REUSEPORT`` each process would have a queue of its own, and
 those connections would be reset with it).  A stop sends each ``SIGTERM``: each
 stops accepting and finishes its requests in flight, as a lone gateway does.
 
@@ -40,14 +41,18 @@ from twisted.python.failure import Failure
 
 from taskoffload._gateway_child import LISTEN_FD
 from taskoffload.shared_metrics import MULTIPROCESS_DIRECTORY, write_pool_status
+from taskoffload.slots import MAX_RESTART_DELAY, MIN_RESTART_DELAY, STABLE_SECONDS
 from taskoffload.sockets import bind_never_accepting
 
-__all__ = ["POOL_STATUS_INTERVAL", "GatewayProcesses"]
+__all__ = ["POOL_STATUS_INTERVAL", "SERVE", "GatewayProcesses"]
 
 _log = Logger(namespace="taskoffload.gateway")
 
 #: Seconds between writes of the pool's state for the gateway processes (role all).
 POOL_STATUS_INTERVAL: Final = 0.5
+
+#: The line that tells a started process to serve (the spare waits for it).
+SERVE: Final = b"serve\n"
 
 
 class _ChildProtocol(ProcessProtocol):
@@ -58,8 +63,9 @@ class _ChildProtocol(ProcessProtocol):
         self._ended = ended
         self._partial = b""
         self.exited: Deferred[None] = Deferred()
-        #: Its process id, once spawned.
+        #: Its process id, once spawned, and when (reactor time).
         self.pid: int | None = None
+        self.started = 0.0
 
     def outReceived(self, data: bytes) -> None:
         *lines, self._partial = (self._partial + data).split(b"\n")
@@ -110,6 +116,9 @@ class GatewayProcesses(Service):
         self.replaced = 0
         self._stopping = False
         self._writer: task.LoopingCall | None = None
+        #: A process started and waiting to take a dead one's place.
+        self._spare: _ChildProtocol | None = None
+        self._delay = 0.0
 
     @property
     def reactor(self) -> Any:
@@ -142,6 +151,7 @@ class GatewayProcesses(Service):
         )
         for index in range(self.count):
             self._spawn(index)
+        self._spawn(self.count, spare=True)
 
     def _write_pool_status(self) -> None:
         if self.directory is not None and self._pool_status is not None:
@@ -151,7 +161,13 @@ class GatewayProcesses(Service):
         listening: socket.socket = self.port.socket  # type: ignore[union-attr]  # a tcp.Port or unix.Port
         return listening.family
 
-    def _spawn(self, index: int) -> None:
+    def _spawn(self, index: int, spare: bool = False) -> _ChildProtocol:
+        """
+        Start gateway process ``index``: serving at once, or, as the ``spare``,
+        started (its modules imported, its service built) and waiting to be told
+        to serve, so that a dead process is replaced in milliseconds rather than
+        the second a Python process takes to start.
+        """
         assert self.port is not None and self.directory is not None
         if self._pool_status is not None:
             self._write_pool_status()
@@ -167,11 +183,29 @@ class GatewayProcesses(Service):
             childFDs={0: "w", 1: "r", 2: "r", LISTEN_FD: self.port.fileno()},  # type: ignore[attr-defined]
         )
         protocol.pid = transport.pid
+        protocol.started = self.reactor.seconds()
         transport.write(self._config(index, self.directory, self._family()))
-        self.children[index] = protocol
+        if spare:
+            self._spare = protocol
+            _log.info("Spare gateway process started (pid {pid})", pid=protocol.pid)
+        else:
+            self._serve(protocol)
+        return protocol
+
+    def _serve(self, protocol: _ChildProtocol) -> None:
+        """Tell ``protocol``'s process to serve, as gateway process ``protocol.index``."""
+        assert protocol.transport is not None
+        protocol.transport.write(SERVE)
+        self.children[protocol.index] = protocol
+        _log.info(
+            "Gateway process {index} (pid {pid}) serves", index=protocol.index, pid=protocol.pid
+        )
 
     def _ended(self, protocol: _ChildProtocol, reason: Failure) -> None:
-        if self.children.get(protocol.index) is protocol:
+        was_spare = protocol is self._spare
+        if was_spare:
+            self._spare = None
+        elif self.children.get(protocol.index) is protocol:
             del self.children[protocol.index]
         if self.directory is not None and protocol.pid is not None:
             # Its counters stay (totals never fall); its gauges (clients, in
@@ -179,10 +213,39 @@ class GatewayProcesses(Service):
             multiprocess.mark_process_dead(protocol.pid, self.directory)
         if self._stopping:
             return
+        # One that dies young (a broken start) is started again after a pause
+        # that doubles, so a crash loop does not flood the machine and the log.
+        young = self.reactor.seconds() - protocol.started < STABLE_SECONDS
+        self._delay = (
+            min(max(self._delay * 2, MIN_RESTART_DELAY), MAX_RESTART_DELAY) if young else 0.0
+        )
+        if was_spare:
+            _log.warn("The spare gateway process ended; starting another")
+            self._later(self._delay, lambda: self._spawn(protocol.index, spare=True))
+            return
         how = "exited" if reason.check(ProcessDone) else f"ended ({reason.getErrorMessage()})"
         _log.warn("Gateway process {index} {how}; replacing it", index=protocol.index, how=how)
         self.replaced += 1
-        self._spawn(protocol.index)
+        spare = self._spare
+        if spare is not None and spare.transport is not None:
+            self._spare = None
+            spare.index = protocol.index
+            self._serve(spare)
+            self._later(self._delay, lambda: self._spawn(protocol.index, spare=True))
+        else:
+            self._later(self._delay, lambda: self._spawn(protocol.index))
+
+    def _later(self, delay: float, start: Callable[[], object]) -> None:
+        """Call ``start`` after ``delay`` seconds (at once for 0), unless stopping by then."""
+        if not delay:
+            start()
+            return
+
+        def unless_stopping() -> None:
+            if not self._stopping:
+                start()
+
+        self.reactor.callLater(delay, unless_stopping)
 
     def _wait_or_kill(self, children: list[_ChildProtocol]) -> Deferred[None]:
         """
@@ -225,6 +288,8 @@ class GatewayProcesses(Service):
         if self._writer is not None and self._writer.running:
             self._writer.stop()
         children = list(self.children.values())
+        if self._spare is not None:
+            children.append(self._spare)
         for protocol in children:
             if protocol.transport is not None:
                 protocol.transport.signalProcess("TERM")
