@@ -32,13 +32,12 @@ from twisted.application.service import Service
 from twisted.internet import defer, protocol
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.python import usage
 
 from taskoffload.config import PoolConfig
 from taskoffload.lanes import DEFAULT_LANE
-from taskoffload.signals import stop_when_running
+from taskoffload.sideport import SidePortService
 from taskoffload.slots import SlotState, WorkerSlot
 
 __all__ = [
@@ -183,11 +182,10 @@ class AgentFactory(protocol.Factory):
         return AgentProtocol(self._line)
 
 
-class AgentService(Service):
+class AgentService(SidePortService):
     """
-    Answer HAProxy's agent checks about ``pool`` on ``listen``, bound in
-    ``privilegedStartService`` (as the pool's own port is, so ``twistd --uid``
-    may use a port below 1024). A port that cannot be bound stops the reactor.
+    Answer HAProxy's agent checks about ``pool`` on ``listen`` (see
+    :class:`~taskoffload.sideport.SidePortService`).
 
     :param listen: a Twisted server endpoint string (``tcp:`` or ``tcp6:``).
     :param pool: the pool the answers are about.
@@ -195,31 +193,15 @@ class AgentService(Service):
         default the global one.
     """
 
+    listening_as = "HAProxy agent"
+    failing_as = "answer agent checks"
+
     def __init__(self, listen: str, pool: AgentSource, reactor: Any = None) -> None:
-        self.listen = listen
+        super().__init__(listen, reactor)
         self.pool = pool
-        self._reactor = reactor
-        self.port: IListeningPort | None = None
 
-    def privilegedStartService(self) -> None:
-        super().privilegedStartService()
-        if self._reactor is None:
-            from twisted.internet import reactor
-
-            self._reactor = reactor
-        factory = AgentFactory(lambda: pool_line(self.pool))
-        listening = serverFromString(self._reactor, self.listen).listen(factory)
-        listening.addCallbacks(self._listening, self._failed)
-
-    def _listening(self, port: IListeningPort) -> None:
-        self.port = port
-        _log.info("HAProxy agent on {address}", address=port.getHost())
-
-    def _failed(self, failure: Any) -> None:
-        # As the pool's status site does: a pool meant to be balanced by its load
-        # must not run with the balancer blind to it.
-        _log.failure("The pool cannot answer agent checks on {listen}", failure, listen=self.listen)
-        stop_when_running(self._reactor)
+    def factory(self) -> AgentFactory:
+        return AgentFactory(lambda: pool_line(self.pool))
 
     def stopService(self) -> Deferred[None]:
         """
@@ -227,21 +209,14 @@ class AgentService(Service):
         exited, or ``--stop-timeout`` plus :data:`STOP_MARGIN` seconds passed; then
         close the port.
         """
-        super().stopService()
+        Service.stopService(self)
         if self.port is None:
             return defer.succeed(None)
         exited = self.pool.wait_for_exit()
         exited.addTimeout(self.pool.config.stop_timeout + STOP_MARGIN, self._reactor)
         exited.addErrback(self._workers_outlived)
-        return exited.addCallback(lambda _: self._close())
+        return exited.addCallback(lambda _: self.close())
 
     def _workers_outlived(self, failure: Any) -> None:
         failure.trap(defer.TimeoutError)
         _log.warn("Workers still alive; the HAProxy agent stops answering")
-
-    def _close(self) -> Deferred[None]:
-        if self.port is None:
-            return defer.succeed(None)
-        port, self.port = self.port, None
-        stopped = port.stopListening()
-        return stopped if stopped is not None else defer.succeed(None)

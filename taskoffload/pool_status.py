@@ -14,11 +14,6 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
-from twisted.application.service import Service
-from twisted.internet import defer
-from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.web.pages import notFound
 from twisted.web.resource import Resource
@@ -26,7 +21,7 @@ from twisted.web.server import Site
 
 from taskoffload.access import GatewayAccess
 from taskoffload.readouts import Metrics, Status, TokenRequired, access_log_line
-from taskoffload.signals import stop_when_running
+from taskoffload.sideport import SidePortService
 
 __all__ = ["PoolCollector", "PoolStatusService", "pool_site"]
 
@@ -84,16 +79,18 @@ def pool_site(status: Callable[[], dict[str, Any]], access: GatewayAccess) -> Si
     return site
 
 
-class PoolStatusService(Service):
+class PoolStatusService(SidePortService):
     """
-    Serve :func:`pool_site` on ``listen``, bound in ``privilegedStartService``
-    (as the pool's own port is, so ``twistd --uid`` may use a port below 1024).
+    Serve :func:`pool_site` on ``listen`` (see :class:`SidePortService`).
 
     :param listen: a Twisted server endpoint string.
     :param status: returns the pool's summary.
     :param access: who may read it.
     :param reactor: provides the endpoint's ``listen``; by default the global one.
     """
+
+    listening_as = "Pool status"
+    failing_as = "serve its status"
 
     def __init__(
         self,
@@ -102,36 +99,9 @@ class PoolStatusService(Service):
         access: GatewayAccess,
         reactor: Any = None,
     ) -> None:
-        self.listen = listen
+        super().__init__(listen, reactor)
         self._status = status
         self._access = access
-        self._reactor = reactor
-        self.port: IListeningPort | None = None
 
-    def privilegedStartService(self) -> None:
-        super().privilegedStartService()
-        if self._reactor is None:
-            from twisted.internet import reactor
-
-            self._reactor = reactor
-        listening = serverFromString(self._reactor, self.listen).listen(
-            pool_site(self._status, self._access)
-        )
-        listening.addCallbacks(self._listening, self._failed)
-
-    def _listening(self, port: IListeningPort) -> None:
-        self.port = port
-        _log.info("Pool status on {address}", address=port.getHost())
-
-    def _failed(self, failure: Any) -> None:
-        # As the gateway does: a pool asked to be observable must not run unseen.
-        _log.failure("The pool cannot serve its status on {listen}", failure, listen=self.listen)
-        stop_when_running(self._reactor)
-
-    def stopService(self) -> Deferred[None]:
-        super().stopService()
-        if self.port is None:
-            return defer.succeed(None)
-        port, self.port = self.port, None
-        stopped = port.stopListening()
-        return stopped if stopped is not None else defer.succeed(None)
+    def factory(self) -> Site:
+        return pool_site(self._status, self._access)
