@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Sequence
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 from twisted.application.service import Service
@@ -31,6 +31,9 @@ from taskoffload.signals import stop_when_running
 from taskoffload.stats import GatewayMetrics, GatewayStats
 from taskoffload.supervisor import WorkerPoolService
 from taskoffload.web import make_site, status_document
+
+if TYPE_CHECKING:
+    from taskoffload.outbox import Outbox
 
 __all__ = ["SAMPLE_INTERVAL", "GatewayService", "SharedPort", "pool_address"]
 
@@ -90,6 +93,8 @@ class GatewayService(Service):
         it serves (inherited from the parent, with its address family) instead of
         ``listen``, and the directory of the counters the processes share
         (:mod:`taskoffload.shared_metrics`).
+    :param outbox: the embedded outbox (role all given neither ``--smtp-host`` nor
+        ``--smtp-port``), served at ``/outbox``; without it there is no ``/outbox``.
     """
 
     def __init__(
@@ -105,8 +110,10 @@ class GatewayService(Service):
         secret: bytes | None = None,
         prefetch: int = 0,
         shared: SharedPort | None = None,
+        outbox: Outbox | None = None,
     ) -> None:
         self.shared = shared
+        self.outbox = outbox
         self.secret = secret
         self.prefetch = prefetch
         self.stop_timeout = stop_timeout
@@ -195,7 +202,8 @@ class GatewayService(Service):
             auto_ping=self.auto_ping,
             access=self.access,
         )
-        site = make_site(factory, self.status, metrics)
+        outbox = self.outbox.to_json if self.outbox is not None else None
+        site = make_site(factory, self.status, metrics, outbox=outbox)
         if self.shared is not None:
             listening: Deferred[IListeningPort] = defer.maybeDeferred(
                 self.reactor.adoptStreamPort, self.shared.fd, self.shared.family, site

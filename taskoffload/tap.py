@@ -40,6 +40,7 @@ from taskoffload.supervisor import PoolConfig, WorkerPoolService
 
 if TYPE_CHECKING:
     from taskoffload.gateway import GatewayAccess, GatewayLimits
+    from taskoffload.outbox import Outbox
 
 __all__ = ["Options", "makeService"]
 
@@ -144,8 +145,14 @@ class Options(usage.Options):
             "Replace a worker once its resident memory passes this many MiB.",
             _positive_int,
         ],
-        ["smtp-host", None, "localhost", "SMTP server for the send_mail example task."],
-        ["smtp-port", None, 25, "Its port.", _positive_int],
+        [
+            "smtp-host",
+            None,
+            None,
+            "SMTP server for the send_mail example task (default: localhost; role all, "
+            "without it or --smtp-port: an embedded outbox, shown at /outbox).",
+        ],
+        ["smtp-port", None, None, "Its port (default: 25).", _positive_int],
         [
             "max-inflight-per-client",
             None,
@@ -317,8 +324,8 @@ class Options(usage.Options):
             secret=self["secret"],
             lanes=tuple(self["lane"]),
             env={
-                "TASKOFFLOAD_SMTP_HOST": self["smtp-host"],
-                "TASKOFFLOAD_SMTP_PORT": str(self["smtp-port"]),
+                "TASKOFFLOAD_SMTP_HOST": self["smtp-host"] or "localhost",
+                "TASKOFFLOAD_SMTP_PORT": str(self["smtp-port"] or 25),
             },
         )
 
@@ -385,8 +392,9 @@ def makeService(options: Options) -> IService:
     from taskoffload.service import GatewayService
 
     pool: WorkerPoolService | None = None
+    outbox: Outbox | None = None
     if role == "all":
-        pool = WorkerPoolService(options.pool_config(options["pool-listen"]))
+        pool, outbox = role_all_pool(options)
         pool.setServiceParent(top)
         if options["agent-listen"] is not None:
             AgentService(options["agent-listen"], pool).setServiceParent(top)
@@ -403,8 +411,27 @@ def makeService(options: Options) -> IService:
         access=options.gateway_access(),
         secret=options["secret"],
         prefetch=options["prefetch"],
+        outbox=outbox,
     ).setServiceParent(top)
     return top
+
+
+def role_all_pool(options: Options) -> tuple[WorkerPoolService, Outbox | None]:
+    """
+    :return: role all's worker pool and, with neither ``--smtp-host`` nor
+        ``--smtp-port`` given, the embedded outbox its ``send_mail`` mails go to
+        (the pool is then a :class:`~taskoffload.outbox.PoolWithOutbox`, which
+        tells its workers the outbox's port once bound).
+    """
+    config = options.pool_config(options["pool-listen"])
+    if options["smtp-host"] is not None or options["smtp-port"] is not None:
+        return WorkerPoolService(config), None
+    from taskoffload.outbox import PoolWithOutbox
+
+    # Several gateway processes do not serve /outbox: the outbox lives in this one.
+    shown_at = "/outbox" if options["gateway-processes"] == 1 else None
+    pool = PoolWithOutbox(config, shown_at=shown_at)
+    return pool, pool.outbox
 
 
 def gateway_processes(options: Options, pool: WorkerPoolService | None) -> IService:

@@ -1,6 +1,7 @@
 """
 The gateway's one ``twisted.web`` site: ``/ws`` the WebSocket, ``/`` the live
-page, ``/status`` JSON and ``/metrics`` for Prometheus.
+page, ``/status`` JSON, ``/metrics`` for Prometheus and, with an embedded outbox,
+``/outbox`` JSON.
 """
 
 from __future__ import annotations
@@ -56,20 +57,26 @@ def make_site(
     status: Callable[[], dict[str, Any]],
     metrics: GatewayMetrics | SharedGatewayMetrics,
     access: GatewayAccess | None = None,
+    outbox: Callable[[], dict[str, Any]] | None = None,
 ) -> Site:
     """
     :param factory: the WebSocket factory served at ``/ws`` (which checks its
         own handshakes).
     :param status: returns the JSON document served at ``/status``.
     :param metrics: served at ``/metrics`` (its ``registry``).
-    :param access: who may read ``/status`` and ``/metrics``; by default, the
-        WebSocket factory's.
+    :param access: who may read ``/status``, ``/metrics`` and ``/outbox``; by
+        default, the WebSocket factory's.
+    :param outbox: returns the JSON document served at ``/outbox`` (see
+        :meth:`taskoffload.outbox.Outbox.to_json`); without it, ``/outbox`` is
+        not found.
     """
     access = access or factory.access
     root = _Root(_Page())
     root.putChild(b"ws", WebSocketResource(factory))
     root.putChild(b"status", TokenRequired(Status(status), access))
     root.putChild(b"metrics", TokenRequired(Metrics(metrics.registry), access))
+    if outbox is not None:
+        root.putChild(b"outbox", TokenRequired(Status(outbox), access))
     site = Site(root, logFormatter=access_log_line)
     site.noisy = False
     return site
