@@ -5,21 +5,23 @@
 runs one task and prints its progress messages and final reply as JSON lines in
 wire form; it exits 0 on a result and 1 on an error.
 
-``python -m taskoffload status [--gateway URL] [--watch [S]] [--token TOKEN]``
+``python -m taskoffload status [--gateway URL] [--watch [S]] [--token-file PATH]``
 prints the gateway's ``/status`` as a table: gateway counters, one row per
 worker, totals and error counts; ``--watch`` redraws it every ``S`` seconds
-until Ctrl-C. It exits 0, or 2 when the gateway cannot be reached.
+until Ctrl-C; its token is ``--token TOKEN``, else ``--token-file``'s first line,
+else ``$TASKOFFLOAD_TOKEN``. It exits 0, or 2 when the gateway or the token cannot be read.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TextIO
+from typing import Any, Final, TextIO
 
 import orjson
 
@@ -38,6 +40,7 @@ __all__ = [
     "parse_task_arguments",
     "run_call",
     "run_status",
+    "status_token",
 ]
 
 # A fresh TaskClient numbers its calls from 1, and the command makes one call.
@@ -48,6 +51,12 @@ EXIT_ERROR = 1
 
 #: Exit status of ``status`` when the gateway cannot be reached or read.
 EXIT_UNREACHABLE = 2
+
+#: Exit status of ``status`` when ``--token-file`` gives no token (argparse's usage error's).
+EXIT_USAGE = 2
+
+#: Where ``status`` finds the gateway's token without ``--token`` or ``--token-file``.
+TOKEN_VARIABLE: Final = "TASKOFFLOAD_TOKEN"
 
 #: Where ``status`` looks for the gateway unless told.
 DEFAULT_GATEWAY = "http://127.0.0.1:8080"
@@ -162,8 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="show the gateway's pool, workers and counters",
         description=(
             "Print the gateway's /status as a table: gateway counters, one row per "
-            "worker, totals and error counts. Exits 0, or 2 if the gateway cannot be "
-            "reached."
+            "worker, totals and error counts. The token: --token, else --token-file, else "
+            f"${TOKEN_VARIABLE}. Exits 0, or 2 if the gateway or the token cannot be read."
         ),
     )
     status.add_argument(
@@ -181,9 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="redraw every S seconds (default 1) until Ctrl-C",
     )
     status.add_argument(
-        "--token",
-        metavar="TOKEN",
-        help="the gateway's access token, sent as 'Authorization: Bearer TOKEN'",
+        "--token", metavar="TOKEN", help="the gateway's token (visible in ps: prefer --token-file)"
+    )
+    status.add_argument(
+        "--token-file", metavar="PATH", help="a file whose first line is the gateway's token"
     )
     # For tests: stop --watch after this many redraws.
     status.add_argument("--count", type=_positive_count, help=argparse.SUPPRESS)
@@ -192,9 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def format_reply(reply: wire.Reply) -> str:
-    """
-    :return: ``reply`` as one line of the wire format, without the newline.
-    """
+    """:return: ``reply`` as one line of the wire format, without the newline."""
     return wire.encode_reply(reply).decode("utf-8").rstrip("\n")
 
 
@@ -262,7 +270,7 @@ def fetch_status(
         with urllib.request.urlopen(request, timeout=timeout) as response:
             body = response.read()
     except urllib.error.HTTPError as e:
-        hint = " (check --token)" if e.code in (401, 403) else ""
+        hint = " (check the token)" if e.code in (401, 403) else ""
         raise GatewayUnreachable(f"{url} answered HTTP {e.code} {e.reason}{hint}") from None
     except urllib.error.URLError as e:
         raise GatewayUnreachable(f"cannot reach {url}: {e.reason}") from None
@@ -275,6 +283,33 @@ def fetch_status(
     if not isinstance(document, dict):
         raise GatewayUnreachable(f"{url} did not answer with a status document")
     return document
+
+
+class TokenUnavailable(Exception):
+    """``--token-file`` gives no token; the message says why."""
+
+
+def status_token(options: argparse.Namespace, environ: Mapping[str, str]) -> str | None:
+    """
+    :return: the token ``status`` sends: ``--token``, else the first line of
+        ``--token-file`` (stripped, blank lines before it skipped), else
+        :data:`TOKEN_VARIABLE` from ``environ`` unless empty, else ``None``.
+    :raises TokenUnavailable: if the file cannot be read or holds no token.
+    """
+    if options.token is not None:
+        return str(options.token)
+    path = options.token_file
+    if path is None:
+        return environ.get(TOKEN_VARIABLE, "").strip() or None
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().strip().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else e
+        raise TokenUnavailable(f"--token-file {path!r}: cannot read it: {reason}") from None
+    if not lines:
+        raise TokenUnavailable(f"--token-file {path!r} is empty: put the gateway's token in it")
+    return lines[0].strip()
 
 
 def format_duration(seconds: float | None) -> str:
@@ -447,22 +482,31 @@ def run_status(
     err: TextIO,
     fetch: Callable[[str, str | None], dict[str, Any]],
     sleep: Callable[[float], object],
+    environ: Mapping[str, str] | None = None,
 ) -> int:
     """
     Print the gateway's status once, or with ``--watch`` redraw it until
     ``--count`` redraws are done (without ``--count``, until Ctrl-C).
 
     :param options: parsed ``status`` options: ``gateway``, ``token``,
-        ``watch`` and ``count``.
-    :param fetch: called with the gateway URL and token; returns the
-        ``/status`` document or raises :class:`GatewayUnreachable`.
+        ``token_file``, ``watch`` and ``count``.
+    :param fetch: called with the gateway URL and token (:func:`status_token`);
+        returns the ``/status`` document or raises :class:`GatewayUnreachable`.
     :param sleep: waits the given seconds between redraws.
-    :return: the exit status: 0, or :data:`EXIT_UNREACHABLE`.
+    :param environ: the environment :data:`TOKEN_VARIABLE` is read from; by
+        default none (the command passes ``os.environ``).
+    :return: the exit status: 0, :data:`EXIT_UNREACHABLE`, or :data:`EXIT_USAGE`.
     """
+    try:
+        token = status_token(options, environ or {})
+    except TokenUnavailable as e:
+        err.write(f"taskoffload status: {e}\n")
+        err.flush()
+        return EXIT_USAGE
     drawn = 0
     while True:
         try:
-            document = fetch(options.gateway, options.token)
+            document = fetch(options.gateway, token)
         except GatewayUnreachable as e:
             err.write(f"taskoffload status: {e}\n")
             err.flush()
@@ -483,9 +527,7 @@ def _status(options: argparse.Namespace) -> int:
     try:
         # Blocking fetch and sleep: the command does nothing else meanwhile, so it
         # needs no reactor, and Ctrl-C interrupts it at once.
-        return run_status(
-            options, sys.stdout, sys.stderr, lambda url, token: fetch_status(url, token), time.sleep
-        )
+        return run_status(options, sys.stdout, sys.stderr, fetch_status, time.sleep, os.environ)
     except KeyboardInterrupt:
         return 0
 

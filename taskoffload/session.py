@@ -92,6 +92,8 @@ class GatewaySession:
         self._count = 0
         self._open = True
         stats.clients += 1
+        # Where this client's calls wait: counted in stats.waiting().
+        stats.shares = share
 
     @property
     def open(self) -> bool:

@@ -19,10 +19,18 @@ from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
-from taskoffload.stats import LATENCY_BUCKETS, GatewayStats, LaneCollector, ReplyCounter
+from taskoffload.stats import (
+    LATENCY_BUCKETS,
+    PENDING_HELP,
+    TASK_SECONDS,
+    GatewayStats,
+    LaneCollector,
+    ReplyCounter,
+    pool_families,
+)
 
 __all__ = [
     "MULTIPROCESS_DIRECTORY",
@@ -60,23 +68,14 @@ def read_pool_status(directory: str) -> dict[str, Any] | None:
 
 
 class _PoolGauges(Collector):
-    """The pool's gauges (role all), read from its state, as GatewayMetrics has them."""
+    """The pool's figures (role all), read from its state, as GatewayMetrics has them."""
 
     def __init__(self, status_source: Callable[[], dict[str, Any]]) -> None:
         self._source = status_source
 
     def collect(self) -> Iterable[Metric]:
-        pool = self._source().get("pool") or {}
-        yield GaugeMetricFamily(
-            "taskoffload_workers_serving",
-            "Worker processes serving (role all only).",
-            value=pool.get("serving", 0),
-        )
-        yield GaugeMetricFamily(
-            "taskoffload_worker_restarts",
-            "Worker processes restarted (role all only).",
-            value=pool.get("restarts", 0),
-        )
+        # One process, the parent, counts the restarts: the counter never falls.
+        return pool_families(self._source().get("pool") or {})
 
 
 class SharedGatewayMetrics(ReplyCounter):
@@ -104,6 +103,8 @@ class SharedGatewayMetrics(ReplyCounter):
             registry=None,
             buckets=LATENCY_BUCKETS,
         )
+        self.tasks = Histogram(*TASK_SECONDS, ["function"], registry=None, buckets=LATENCY_BUCKETS)
+        self._tasks_by_function: dict[str, Any] = {}
         self.clients = Gauge(
             "taskoffload_clients",
             "WebSocket clients connected.",
@@ -116,6 +117,9 @@ class SharedGatewayMetrics(ReplyCounter):
             registry=None,
             multiprocess_mode="livesum",
         )
+        self.pending = Gauge(
+            "taskoffload_pending", PENDING_HELP, registry=None, multiprocess_mode="livesum"
+        )
         #: Every process's counts, alone: what ``/status`` sums.
         self.counts = CollectorRegistry()
         multiprocess.MultiProcessCollector(self.counts)
@@ -126,9 +130,13 @@ class SharedGatewayMetrics(ReplyCounter):
         self.registry.register(LaneCollector(status_source))
 
     def sample(self, stats: GatewayStats) -> None:
-        """Write this process's gauges (clients, requests in flight) to its files."""
+        """
+        Write this process's gauges (clients, requests in flight, calls waiting
+        for their share) to its files.
+        """
         self.clients.set(stats.clients)
         self.inflight.set(stats.inflight)
+        self.pending.set(stats.waiting())
 
 
 def shared_gateway_status(registry: CollectorRegistry) -> dict[str, Any]:

@@ -9,15 +9,16 @@ What the gateway counts: :class:`GatewayStats`, read by ``/status``, and
 from __future__ import annotations
 
 from collections import Counter, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Final
 
-from prometheus_client import CollectorRegistry, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client import Counter as PrometheusCounter
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from taskoffload import wire
+from taskoffload.fairshare import FairShare, LaneShares
 
 __all__ = [
     "LATENCY_WINDOW",
@@ -27,6 +28,7 @@ __all__ = [
     "GatewayMetrics",
     "GatewayStats",
     "latency_percentiles",
+    "pool_families",
 ]
 
 #: Latencies kept for the percentiles in ``/status``.
@@ -81,6 +83,10 @@ class GatewayStats:
         self.by_function: Counter[str] = Counter()
         self.by_outcome: Counter[str] = Counter()
         self.latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
+        #: Where the gateway's calls wait for their share of the pool: set by
+        #: each session (:class:`~taskoffload.session.GatewaySession`), read by
+        #: :meth:`waiting`.
+        self.shares: FairShare | LaneShares | None = None
         self._on_finished = on_finished
 
     def started(self, count: int = 1) -> None:
@@ -115,6 +121,18 @@ class GatewayStats:
         if self._on_finished is not None:
             self._on_finished(function, outcome, 0.0)
 
+    def waiting(self) -> int:
+        """
+        :return: the calls waiting in the gateway for their share of the pool,
+            over every lane (the sum of ``/status``'s ``gateway.lanes[*].waiting``);
+            0 before the first client.
+        """
+        shares = self.shares
+        if shares is None:
+            return 0
+        lanes = shares.lanes.values() if isinstance(shares, LaneShares) else [shares]
+        return sum(line.waiting for share in lanes for line in share.active)
+
     def percentiles(self) -> dict[str, float | None]:
         """p50, p90, p99 and max of the recent latencies, in milliseconds."""
         return latency_percentiles(self.latencies)
@@ -135,16 +153,30 @@ class GatewayStats:
 LATENCY_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)  # fmt: skip
 
 
+#: The outcomes of requests refused before any task was tried: they are not
+#: in ``taskoffload_task_seconds``.
+REFUSED: Final = frozenset({wire.OVERLOADED, wire.BAD_REQUEST})
+
+#: What ``taskoffload_task_seconds`` measures (made alike in both kinds of metrics).
+TASK_SECONDS: Final = (
+    "taskoffload_task_seconds",
+    "Seconds from a call reaching the gateway to its final reply, by task function "
+    "(calls refused as overloaded or bad_request are left out).",
+)
+
+
 class ReplyCounter:
     """
-    Counts each final reply in ``requests`` (by function and outcome) and its
-    latency in ``latency``: what the gateway's metrics, one process's or shared,
-    record alike.
+    Counts each final reply in ``requests`` (by function and outcome), its
+    latency in ``latency`` and, for a call that was tried, in ``tasks`` by
+    function: what the gateway's metrics, one process's or shared, record alike.
     """
 
     requests: Any
     latency: Any
+    tasks: Any
     _requests_by_key: dict[tuple[str, str], Any]
+    _tasks_by_function: dict[str, Any]
 
     def finished(self, function: str, outcome: str, seconds: float) -> None:
         """Record one final reply (see :class:`GatewayStats`)."""
@@ -157,6 +189,11 @@ class ReplyCounter:
         counter.inc()
         if outcome != "overloaded":
             self.latency.observe(seconds)
+        if outcome not in REFUSED:
+            timer = self._tasks_by_function.get(function)
+            if timer is None:
+                timer = self._tasks_by_function[function] = self.tasks.labels(function)
+            timer.observe(seconds)
 
 
 class GatewayMetrics(ReplyCounter):
@@ -181,36 +218,87 @@ class GatewayMetrics(ReplyCounter):
             registry=self.registry,
             buckets=LATENCY_BUCKETS,
         )
-        clients = Gauge(
-            "taskoffload_clients", "WebSocket clients connected.", registry=self.registry
+        self.tasks = Histogram(
+            *TASK_SECONDS, ["function"], registry=self.registry, buckets=LATENCY_BUCKETS
         )
-        inflight = Gauge(
+        self._tasks_by_function: dict[str, Any] = {}
+        self.registry.register(StatusCollector(stats_source))
+        self.registry.register(LaneCollector(stats_source))
+
+
+#: The help of ``taskoffload_pending`` (made alike in both kinds of metrics).
+PENDING_HELP: Final = "Calls waiting in the gateway for their share of the pool, over every lane."
+
+
+class StatusCollector(Collector):
+    """
+    The gauges of one gateway process, from one read of the ``/status``
+    document per scrape: clients, requests in flight, calls waiting (the sum of
+    ``gateway.lanes[*].waiting``) and the pool's figures (:func:`pool_families`).
+
+    :param stats_source: returns the ``/status`` document.
+    """
+
+    def __init__(self, stats_source: Callable[[], dict[str, Any]]) -> None:
+        self._source = stats_source
+
+    def collect(self) -> Iterable[Metric]:
+        document = self._source()
+        gateway = document.get("gateway") or {}
+        yield GaugeMetricFamily(
+            "taskoffload_clients", "WebSocket clients connected.", value=gateway.get("clients", 0)
+        )
+        yield GaugeMetricFamily(
             "taskoffload_inflight",
             "Requests (batch items included) awaiting their reply.",
-            registry=self.registry,
+            value=gateway.get("inflight", 0),
         )
-        workers = Gauge(
-            "taskoffload_workers_serving",
-            "Worker processes serving (role all only).",
-            registry=self.registry,
+        lanes = (gateway.get("lanes") or {}).values()
+        yield GaugeMetricFamily(
+            "taskoffload_pending", PENDING_HELP, value=sum(lane.get("waiting", 0) for lane in lanes)
         )
-        restarts = Gauge(
+        yield from pool_families(document.get("pool") or {})
+
+
+def pool_families(pool: Mapping[str, Any]) -> Iterator[Metric]:
+    """
+    The pool's figures on the gateway's ``/metrics``, from ``/status``'s
+    ``pool``: those of a pool in this process tree (role all).
+
+    ``taskoffload_workers_busy`` and the counter ``taskoffload_worker_restarts_total``
+    are left out for a pool elsewhere (role gateway, whose ``pool`` holds only
+    addresses): the gateway does not know them, and the pool's own ``/metrics``
+    (``--status-listen``) has them.  ``taskoffload_workers_serving`` and the
+    gauge ``taskoffload_worker_restarts`` (deprecated: the counter replaces
+    it) read 0 there, as they always have.
+    """
+    yield GaugeMetricFamily(
+        "taskoffload_workers_serving",
+        "Worker processes serving (role all only).",
+        value=pool.get("serving", 0),
+    )
+    # The old gauge stays for the dashboards that read it.  It shares the
+    # counter's family name, which only the text format 0.0.4 that /metrics
+    # serves allows (not OpenMetrics): drop it before serving OpenMetrics.
+    yield GaugeMetricFamily(
+        "taskoffload_worker_restarts",
+        "Worker processes restarted (role all only; deprecated: use "
+        "taskoffload_worker_restarts_total).",
+        value=pool.get("restarts", 0),
+    )
+    if "busy" in pool:
+        yield GaugeMetricFamily(
+            "taskoffload_workers_busy",
+            "Task slots taken: tasks queued or running, or a connection about to bring one "
+            "(role all only).",
+            value=pool["busy"],
+        )
+    if "restarts" in pool:
+        yield CounterMetricFamily(
             "taskoffload_worker_restarts",
-            "Worker processes restarted (role all only).",
-            registry=self.registry,
+            "Workers replaced after they died (role all only).",
+            value=pool["restarts"],
         )
-
-        def gateway() -> dict[str, Any]:
-            return stats_source().get("gateway", {})
-
-        def pool() -> dict[str, Any]:
-            return stats_source().get("pool") or {}
-
-        self.registry.register(LaneCollector(stats_source))
-        clients.set_function(lambda: gateway().get("clients", 0))
-        inflight.set_function(lambda: gateway().get("inflight", 0))
-        workers.set_function(lambda: pool().get("serving", 0))
-        restarts.set_function(lambda: pool().get("restarts", 0))
 
 
 class LaneCollector(Collector):

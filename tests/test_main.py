@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import io
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -18,15 +19,22 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
+from twisted.web.resource import getChildForRequest
+from twisted.web.test.requesthelper import DummyRequest
 from zope.interface import implementer
 
+import taskoffload.__main__ as main_module
 from taskoffload import wire
 from taskoffload.__main__ import (
     CLEAR_SCREEN,
     DEFAULT_GATEWAY,
     EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    TOKEN_VARIABLE,
     GatewayUnreachable,
+    TokenUnavailable,
     _call,
+    _status,
     build_parser,
     format_duration,
     format_reply,
@@ -34,8 +42,12 @@ from taskoffload.__main__ import (
     parse_task_arguments,
     run_call,
     run_status,
+    status_token,
 )
+from taskoffload.access import GatewayAccess
 from taskoffload.client import DEFAULT_POOL, ITaskPool, TaskError
+from taskoffload.option_values import read_token
+from taskoffload.service import GatewayService
 from tests._trial_bridge import pytest_module
 
 
@@ -505,6 +517,121 @@ def test_run_status_watch_stops_when_gateway_goes() -> None:
     assert run_status(status_options("--watch"), out, err, fetch, lambda s: None) == 2
     assert out.getvalue().count(CLEAR_SCREEN) == 1
     assert "gone" in err.getvalue()
+
+
+# The status command's token: --token, else --token-file, else $TASKOFFLOAD_TOKEN
+
+
+def token_file(tmp_path: Path, text: str | bytes) -> str:
+    """A token file holding ``text``; :return: its path."""
+    path = tmp_path / "token"
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text)
+    return str(path)
+
+
+def test_token_from_each_source(tmp_path: Path) -> None:
+    """Each source alone gives the token: the option, the file's first line stripped
+    (blank lines before it skipped), the environment variable; none gives no token."""
+    assert status_token(status_options("--token", "opt"), {}) == "opt"
+    path = token_file(tmp_path, "\n  from-file \nsecond line\n")
+    assert status_token(status_options("--token-file", path), {}) == "from-file"
+    assert status_token(status_options(), {TOKEN_VARIABLE: " from-env\n"}) == "from-env"
+    assert TOKEN_VARIABLE == "TASKOFFLOAD_TOKEN"
+    assert status_token(status_options(), {}) is None
+    assert status_token(status_options(), {TOKEN_VARIABLE: ""}) is None
+
+
+def test_token_precedence(tmp_path: Path) -> None:
+    """--token wins over --token-file (not even read) and the environment; the file
+    wins over the environment."""
+    environ = {TOKEN_VARIABLE: "from-env"}
+    missing = str(tmp_path / "missing")
+    assert status_token(status_options("--token", "opt", "--token-file", missing), environ) == (
+        "opt"
+    )
+    path = token_file(tmp_path, "from-file\n")
+    assert status_token(status_options("--token-file", path), environ) == "from-file"
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        (None, "cannot read it: No such file or directory"),
+        ("directory", "cannot read it: Is a directory"),
+        (b"\xff\xfe token", "cannot read it: 'utf-8' codec can't decode"),
+        ("", "is empty"),
+        (" \n\n\t\n", "is empty"),
+    ],
+)
+def test_token_file_errors(tmp_path: Path, content: str | bytes | None, why: str) -> None:
+    """A token file that is missing, unreadable or empty is a clear error: the
+    command says so on stderr, asks no gateway, and exits 2."""
+    if content is None:
+        path = str(tmp_path / "missing")
+    elif content == "directory":
+        path = str(tmp_path)
+    else:
+        path = token_file(tmp_path, content)
+    with pytest.raises(TokenUnavailable) as raised:
+        status_token(status_options("--token-file", path), {TOKEN_VARIABLE: "unused"})
+    assert str(raised.value).startswith(f"--token-file {path!r}")
+    assert why in str(raised.value)
+    fetch, out, err = FakeGateway(SAMPLE_STATUS), io.StringIO(), io.StringIO()
+    options = status_options("--token-file", path)
+    assert run_status(options, out, err, fetch, lambda s: None) == EXIT_USAGE == 2
+    assert err.getvalue() == f"taskoffload status: {raised.value}\n"
+    assert fetch.asked == []
+    assert out.getvalue() == ""
+
+
+def test_run_status_reads_the_environment_it_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    """run_status sends the variable's token from the environment it is handed, and
+    reads none without one; the command hands it os.environ."""
+    monkeypatch.setenv(TOKEN_VARIABLE, "from-os")
+    fetch, out, err = FakeGateway(SAMPLE_STATUS, SAMPLE_STATUS), io.StringIO(), io.StringIO()
+    run_status(status_options(), out, err, fetch, lambda s: None, {TOKEN_VARIABLE: "given"})
+    run_status(status_options(), out, err, fetch, lambda s: None)
+    assert fetch.asked == [(DEFAULT_GATEWAY, "given"), (DEFAULT_GATEWAY, None)]
+    command = FakeGateway(SAMPLE_STATUS)
+    monkeypatch.setattr(main_module, "fetch_status", command)
+    assert _status(status_options()) == 0
+    assert command.asked == [(DEFAULT_GATEWAY, "from-os")]
+
+
+def test_status_with_a_token_file_against_a_gateway_with_that_file(tmp_path: Path) -> None:
+    """In memory: a gateway reading its token as ``--token-file`` does, and the
+    command given the same file, or the variable, is let in; without it, refused."""
+    path = token_file(tmp_path, "s3cret-token\n")
+    reactor = MemoryReactorClock()
+    gateway = GatewayService(
+        "tcp:8080",
+        pool_addresses=["tcp:127.0.0.1:1"],
+        reactor=reactor,
+        access=GatewayAccess(token=read_token(path)),
+    )
+    gateway.privilegedStartService()
+    site = reactor.tcpServers[0][1]
+
+    def fetch(url: str, token: str | None) -> dict[str, Any]:
+        # What fetch_status does, over the site in memory.
+        request = DummyRequest([b"status"])
+        if token is not None:
+            request.requestHeaders.addRawHeader(b"authorization", f"Bearer {token}".encode())
+        body = getChildForRequest(site.resource, request).render(request)
+        if request.responseCode == 401:
+            raise GatewayUnreachable(f"{url} answered HTTP 401")
+        return dict(orjson.loads(body))
+
+    for argv, environ in [(["--token-file", path], {}), ([], {TOKEN_VARIABLE: "s3cret-token"})]:
+        out, err = io.StringIO(), io.StringIO()
+        assert run_status(status_options(*argv), out, err, fetch, lambda s: None, environ) == 0
+        assert "Pool     remote: tcp:127.0.0.1:1" in out.getvalue(), err.getvalue()
+    err = io.StringIO()
+    assert run_status(status_options(), io.StringIO(), err, fetch, lambda s: None, {}) == 2
+    assert "HTTP 401" in err.getvalue()
 
 
 # trial finds no TestCase here: it runs this module through pytest instead.
