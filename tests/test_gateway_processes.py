@@ -30,7 +30,7 @@ from prometheus_client import values
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import CollectorRegistry
 from twisted.application.service import MultiService
-from twisted.internet import tcp, unix
+from twisted.internet import unix
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone, ProcessTerminated
@@ -59,6 +59,7 @@ from taskoffload.stats import LATENCY_BUCKETS, GatewayStats
 from taskoffload.supervisor import WorkerPoolService
 from tests._trial_bridge import pytest_module
 from tests.fake_processes import ProcessStringTransport
+from tests.socket_reactor import SocketReactor
 
 # The configuration line
 
@@ -479,7 +480,7 @@ class Spawned:
         self.protocol.processEnded(reason or Failure(ProcessTerminated(signal=signal.SIGKILL)))
 
 
-class ProcessReactor(MemoryReactorClock):
+class ProcessReactor(SocketReactor):
     """A memory reactor that binds real loopback (or UNIX) sockets, driven by it,
     and records the processes it is asked to spawn."""
 
@@ -487,14 +488,6 @@ class ProcessReactor(MemoryReactorClock):
         super().__init__()
         self.spawned: list[Spawned] = []
         self._pids = itertools.count(4_000_001)
-
-    def listenTCP(  # type: ignore[override]  # returns the real port
-        self, port: int, factory: Any, backlog: int = 50, interface: str = ""
-    ) -> tcp.Port:
-        super().listenTCP(port, factory, backlog, interface)
-        listening = tcp.Port(port, factory, backlog, interface, reactor=self)
-        listening.startListening()
-        return listening
 
     def listenUNIX(  # type: ignore[override]
         self, address: str, factory: Any, backlog: int = 50, mode: int = 0o666, wantPID: int = 0

@@ -17,7 +17,6 @@ from typing import Any
 
 import orjson
 import pytest
-from twisted.internet import tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone
 from twisted.internet.task import Clock
@@ -45,6 +44,7 @@ from taskoffload.targets import parse_lane_address
 from taskoffload.worker import TaskServerFactory
 from tests._trial_bridge import pytest_module
 from tests.fake_processes import FakeProcessControl, ProcessStringTransport
+from tests.socket_reactor import SocketReactor
 
 #: A pool of 5 workers: 2 on the default lane, 1 on "interactive", 2 on "batch".
 LANES = (Lane("interactive", 1, port=40123), Lane("batch", 2, path="/run/pool.sock.batch"))
@@ -564,19 +564,6 @@ def test_each_slot_listens_on_its_lanes_socket() -> None:
 
 
 # The supervisor
-
-
-class SocketReactor(MemoryReactorClock):
-    """A memory reactor whose ``listenTCP`` binds a real socket (driven by this
-    reactor: its closing runs when the clock advances)."""
-
-    def listenTCP(  # type: ignore[override]  # returns the real port
-        self, port: int, factory: Any, backlog: int = 50, interface: str = ""
-    ) -> tcp.Port:
-        super().listenTCP(port, factory, backlog, interface)
-        listening = tcp.Port(port, factory, backlog, interface, reactor=self)
-        listening.startListening()
-        return listening
 
 
 def bound_port(fd: int) -> int:

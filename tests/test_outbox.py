@@ -46,6 +46,7 @@ from taskoffload.testing import FakeTaskPool
 from taskoffload.web import make_site
 from tests._trial_bridge import pytest_module
 from tests.fake_processes import FakeProcessControl
+from tests.socket_reactor import SocketReactor
 
 #: 2024-05-01T12:00:00Z, the stand-in clock's time.
 NOON = 1714564800.0
@@ -306,18 +307,6 @@ def test_the_gateway_service_serves_its_outbox() -> None:
 
 
 # The pool that runs it
-
-
-class SocketReactor(MemoryReactorClock):
-    """A memory reactor whose ``listenTCP`` binds a real socket (closed when the clock advances)."""
-
-    def listenTCP(  # type: ignore[override]  # returns the real port
-        self, port: int, factory: Any, backlog: int = 50, interface: str = ""
-    ) -> tcp.Port:
-        super().listenTCP(port, factory, backlog, interface)
-        listening = tcp.Port(port, factory, backlog, interface, reactor=self)
-        listening.startListening()
-        return listening
 
 
 def start(pool: WorkerPoolService, processes: FakeProcessControl) -> PoolConfig:
