@@ -30,7 +30,7 @@ from prometheus_client import values
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import CollectorRegistry
 from twisted.application.service import MultiService
-from twisted.internet import unix
+from twisted.internet import tcp, unix
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone, ProcessTerminated
@@ -602,7 +602,7 @@ def test_spawns_each_process_with_the_socket_as_fd_3_and_the_shared_directory() 
     with started(3) as (service, reactor):
         assert len(reactor.spawned) == 4
         port = service.port
-        assert port is not None
+        assert isinstance(port, tcp.Port) and port.connected  # bound here, in the parent
         assert listening_port(port.fileno())[0] == "127.0.0.1"
         assert port not in reactor.getReaders()  # bound, never accepting here
         directory = service.directory
@@ -741,7 +741,7 @@ def test_stop_kills_the_processes_left_after_the_stop_timeout(
     error, the port stayed open and the directory stayed."""
     with started(3, stop_timeout=5.0) as (service, reactor):
         directory = service.directory
-        assert directory is not None
+        assert directory is not None and os.path.isdir(directory)  # until the stop ends
         stopped = fired(service.stopService())
         reactor.spawned[1].end(Failure(ProcessDone(0)))
         reactor.spawned[3].end(Failure(ProcessTerminated(signal=signal.SIGTERM)))  # the spare
@@ -780,9 +780,11 @@ def test_the_pool_state_is_written_before_each_start_and_twice_a_second() -> Non
 
     with started(2, pool_status=pool_status) as (service, reactor):
         directory = service.directory
-        assert directory is not None
-        first = read_pool_status(directory)
-        assert first is not None
+        assert directory is not None and os.path.isdir(directory)
+        # Written when the writer started (0), then before each of the 3
+        # processes started (the 2 and the spare): the 4th state.
+        assert read_pool_status(directory) == {"serving": 3}
+        first = {"serving": 3}
         reactor.advance(POOL_STATUS_INTERVAL)
         later = read_pool_status(directory)
         assert later is not None and later["serving"] > first["serving"]

@@ -385,9 +385,10 @@ def test_the_outbox_closes_after_the_workers() -> None:
     pool.stopService().addBoth(stopped.append)
     reactor.advance(0)
     assert pool.smtp_port is port and port.connected
-    fork_server = pool._fork_servers.current
-    assert fork_server is not None
-    fork_server.processEnded(Failure(ProcessDone(0)))
+    # The stop waits for the fork server this pool spawned (its workers with it).
+    [spawned] = processes.spawned
+    assert pool._fork_servers.current is spawned.protocol
+    spawned.protocol.processEnded(Failure(ProcessDone(0)))
     reactor.advance(0)
     assert stopped == [None]
     assert pool.smtp_port is None and not port.connected
