@@ -8,7 +8,7 @@ given (``LANE=ADDRESS``) or learnt from the pools' session acknowledgements
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet import defer
@@ -87,9 +87,6 @@ class LaneRouter:
             self._reactor, targets, self._log, reroute=self._reroute, **self._sender
         )
 
-    def __iter__(self) -> Iterator[tuple[str, Sender]]:
-        return iter(self._senders.items())
-
     @property
     def closed(self) -> bool:
         """Whether :meth:`close` was called."""
@@ -98,10 +95,6 @@ class LaneRouter:
     def lane_of(self, function: str) -> str:
         """:return: the lane ``function`` runs on, as the pool last said."""
         return self.routes.get(function, DEFAULT_LANE)
-
-    def targets(self, lane: str) -> Targets | None:
-        """:return: the addresses of ``lane``, if the client knows any."""
-        return self._targets.get(lane)
 
     def submit(self, call: Call) -> None:
         """Put ``call`` in its lane's line, or answer it if the lane has no address."""
@@ -175,8 +168,11 @@ class LaneRouter:
         :return: how many tasks ``lane`` (``None``: every lane) runs at once, as
             its pools said; ``None`` before any has.
         """
-        lanes = [lane] if lane is not None else list(self._targets)
-        known = [s for s in (self._targets[n].slots() for n in lanes if n in self._targets) if s]
+        if lane is not None:
+            # Read for each call the gateway admits: one lane's, without a list.
+            targets = self._targets.get(lane)
+            return targets.slots() if targets is not None else None
+        known = [s for s in (t.slots() for t in self._targets.values()) if s]
         return sum(known) if known else None
 
     def close(self) -> Deferred[None]:
