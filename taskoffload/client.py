@@ -236,6 +236,15 @@ class TaskClient:
         """
         return self._lanes.lane_of(function)
 
+    def catalogue(self) -> list[dict[str, Any]] | None:
+        """
+        :return: the pool's tasks, each described as in ``GET /tasks`` (name,
+            doc, timeout, retry, lane, progress and parameters), as a worker
+            last said when it accepted a connection; ``None`` before any has.
+        """
+        known = self._lanes.catalogue
+        return list(known) if known is not None else None
+
     # Lifecycle
 
     def close(self) -> Deferred[None]:

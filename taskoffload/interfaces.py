@@ -68,6 +68,12 @@ class ITaskPool(Interface):
             said (``"default"`` until it has).
         """
 
+    def catalogue() -> list[dict[str, Any]] | None:
+        """
+        :return: the pool's tasks described (see :mod:`taskoffload.catalogue`),
+            sorted by name; ``None`` while the pool has not said.
+        """
+
     def close() -> Deferred[None]:
         """
         Stop: calls waiting or in flight fail with :class:`TaskError`

@@ -15,16 +15,14 @@ from typing import Any, TypeVar, overload
 
 import attrs
 
+from taskoffload.catalogue import PROGRESS_PARAMETER
 from taskoffload.lanes import DEFAULT_LANE, check_lane_name
 from taskoffload.wire import BAD_ARGUMENTS, UNKNOWN_FUNCTION, BadMessage
 
-__all__ = ["TaskRegistry", "TaskSpec", "load_tasks", "task"]
+__all__ = ["PROGRESS_PARAMETER", "TaskRegistry", "TaskSpec", "load_tasks", "task"]
 
 #: The attribute ``@task`` sets on a function it registers.
 SPEC_ATTRIBUTE = "__taskoffload_task__"
-
-#: The parameter name through which a task receives its progress callable.
-PROGRESS_PARAMETER = "progress"
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -64,6 +64,8 @@ class LaneRouter:
         self._sender = sender
         #: The lane of each task not on the default one, as the pool last said.
         self.routes: dict[str, str] = {}
+        #: The pool's tasks described, as a worker last said (``None`` until one has).
+        self.catalogue: tuple[dict[str, Any], ...] | None = None
         self._senders: dict[str, Sender] = {}
         self._targets: dict[str, Targets] = {}
         #: Lanes whose addresses were given, not learnt.
@@ -131,6 +133,8 @@ class LaneRouter:
         and move the calls waiting in a line that is not their lane's.
         """
         changed = ack.routes != self.routes
+        if ack.tasks is not None:
+            self.catalogue = ack.tasks
         self._learn_addresses(target, ack)
         if changed:
             self.routes = dict(ack.routes)

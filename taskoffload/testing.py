@@ -37,6 +37,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from taskoffload import wire
+from taskoffload.catalogue import catalogue
 from taskoffload.client import (
     ON_PROGRESS_RAISED,
     ITaskPool,
@@ -288,11 +289,13 @@ class FakeTaskPool:
         self._prefetch = prefetch
         self._lanes = dict(lanes) if lanes else {}
         self._routes: dict[str, str] = {}
+        self._catalogue: list[dict[str, Any]] | None = None
         self._ids = itertools.count(1)
         self._runner: TaskRunner | None = None
         if self.tasks is not None:
             registry = TaskRegistry.from_mapping(self.tasks)
             self._routes = registry.routes()
+            self._catalogue = catalogue(registry.tasks)
             # Without a clock, a clock that never moves: deadlines never pass.
             # No slots: every call runs at once.
             self._runner = TaskRunner(registry, clock if clock is not None else Clock(), lane=None)
@@ -406,3 +409,7 @@ class FakeTaskPool:
     def lane_of(self, function: str) -> str:
         """:return: the lane of ``function``: its ``@task(lane=...)``, else the default."""
         return self._routes.get(function, DEFAULT_LANE)
+
+    def catalogue(self) -> list[dict[str, Any]] | None:
+        """:return: ``tasks`` described as a worker describes them; ``None`` without ``tasks``."""
+        return list(self._catalogue) if self._catalogue is not None else None

@@ -1,7 +1,7 @@
 """
 The gateway's one ``twisted.web`` site: ``/ws`` the WebSocket, ``/`` the live
-page, ``/status`` JSON, ``/metrics`` for Prometheus and, with an embedded outbox,
-``/outbox`` JSON.
+page, ``/status`` JSON, ``/metrics`` for Prometheus, ``/tasks`` the pool's
+tasks described and, with an embedded outbox, ``/outbox`` JSON.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from collections.abc import Callable
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from autobahn.twisted.resource import WebSocketResource
 from twisted.web.pages import notFound
 from twisted.web.resource import IResource, Resource
@@ -17,6 +18,7 @@ from twisted.web.server import Request, Site
 
 from taskoffload.access import GatewayAccess
 from taskoffload.gateway import GatewayFactory
+from taskoffload.interfaces import ITaskPool
 from taskoffload.readouts import Metrics, Status, TokenRequired, access_log_line
 from taskoffload.stats import GatewayMetrics, GatewayStats
 
@@ -39,6 +41,25 @@ class _Page(Resource):
         request.setHeader(b"content-type", b"text/html; charset=utf-8")
         request.setHeader(b"cache-control", b"no-cache")
         return self._body
+
+
+class _Tasks(Resource):
+    """``/tasks``: the pool's tasks as its workers describe them; 503 until one has."""
+
+    isLeaf = True
+
+    def __init__(self, pool: ITaskPool) -> None:
+        super().__init__()
+        self._pool = pool
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-cache")
+        described = self._pool.catalogue()
+        if described is None:
+            request.setResponseCode(503)
+            return orjson.dumps({"error": "no worker of the pool has answered yet"})
+        return orjson.dumps({"tasks": described}, option=orjson.OPT_INDENT_2)
 
 
 class _Root(Resource):
@@ -64,7 +85,7 @@ def make_site(
         own handshakes).
     :param status: returns the JSON document served at ``/status``.
     :param metrics: served at ``/metrics`` (its ``registry``).
-    :param access: who may read ``/status``, ``/metrics`` and ``/outbox``; by
+    :param access: who may read ``/status``, ``/metrics``, ``/tasks`` and ``/outbox``; by
         default, the WebSocket factory's.
     :param outbox: returns the JSON document served at ``/outbox`` (see
         :meth:`taskoffload.outbox.Outbox.to_json`); without it, ``/outbox`` is
@@ -75,6 +96,7 @@ def make_site(
     root.putChild(b"ws", WebSocketResource(factory))
     root.putChild(b"status", TokenRequired(Status(status), access))
     root.putChild(b"metrics", TokenRequired(Metrics(metrics.registry), access))
+    root.putChild(b"tasks", TokenRequired(_Tasks(factory.pool), access))
     if outbox is not None:
         root.putChild(b"outbox", TokenRequired(Status(outbox), access))
     site = Site(root, logFormatter=access_log_line)

@@ -19,6 +19,7 @@ from typing import Any, Final, TypeAlias
 import attrs
 import orjson
 
+from taskoffload.catalogue import read_catalogue
 from taskoffload.lanes import DEFAULT_LANE, LaneInfo, read_ack_lanes
 
 __all__ = [
@@ -267,6 +268,8 @@ class SessionAck:
     lanes: tuple[LaneInfo, ...] = ()
     #: The lane of each task not on the default lane.
     routes: Mapping[str, str] = attrs.field(factory=dict)
+    #: The pool's tasks described (:mod:`taskoffload.catalogue`); ``None`` if not told.
+    tasks: tuple[dict[str, Any], ...] | None = None
 
 
 @attrs.frozen
@@ -443,6 +446,8 @@ def encode_session_ack(ack: SessionAck) -> bytes:
         session["lane"] = ack.lane
         session["lanes"] = {lane.name: lane.to_json() for lane in ack.lanes}
         session["routes"] = dict(ack.routes)
+    if ack.tasks is not None:
+        session["tasks"] = list(ack.tasks)
     return dumps({"session": session}) + b"\n"
 
 
@@ -518,6 +523,7 @@ def decode_reply(data: bytes) -> Reply:
                 else (),
                 slots=slots if _is_positive_int(slots) else None,
                 concurrency=concurrency if _is_positive_int(concurrency) else None,
+                tasks=read_catalogue(obj["session"].get("tasks")),
             )
         if isinstance(obj.get("goodbye"), str):
             return Goodbye(reason=obj["goodbye"])

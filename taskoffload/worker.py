@@ -29,6 +29,7 @@ from zope.interface import implementer
 from taskoffload import wire
 from taskoffload._transport import write_now
 from taskoffload.acceptor import SharedSocketAcceptor
+from taskoffload.catalogue import catalogue
 from taskoffload.registry import TaskRegistry
 from taskoffload.running import DeadlineExceeded, ISyncDeadlines, TaskRunner, final_reply
 from taskoffload.settings import WorkerSettings, WorkerSettingsFields
@@ -399,6 +400,7 @@ class TaskServerFactory(Factory):
                 lane=settings.lane,
                 lanes=settings.lanes,
                 routes=registry.routes(),
+                tasks=tuple(catalogue(registry.tasks)),
             )
         )
         self.clock = clock

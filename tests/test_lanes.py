@@ -26,6 +26,7 @@ from twisted.python.failure import Failure
 
 from taskoffload import tap, wire
 from taskoffload._forkserver import FIRST_LANE_FD, LISTEN_FD, listen_fd
+from taskoffload.catalogue import catalogue
 from taskoffload.config import PoolConfig
 from taskoffload.forkserver_client import ForkServerProtocol
 from taskoffload.lanes import (
@@ -540,6 +541,7 @@ def test_interactive_worker_acknowledges_its_lane_and_refuses_others() -> None:
                 "batch": {"slots": 6, "path": "/run/pool.sock.batch"},
             },
             "routes": {"quick": "interactive"},
+            "tasks": catalogue(tasks.registry.tasks),
         }
     }
     transport.clear()

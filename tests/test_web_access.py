@@ -22,7 +22,7 @@ TOKEN = "s3cret-Token_42"
 def site(access: GatewayAccess) -> Site:
     """A site whose WebSocket factory has these access rules."""
     document = {"gateway": {"clients": 0}, "pool": None}
-    factory = GatewayFactory(FakeTaskPool(), access=access)
+    factory = GatewayFactory(FakeTaskPool(tasks={"noop": lambda: None}), access=access)
     return make_site(factory, lambda: document, GatewayMetrics(lambda: document))
 
 
@@ -40,9 +40,9 @@ def get(
     return request, body
 
 
-@pytest.mark.parametrize("path", [b"/status", b"/metrics"])
+@pytest.mark.parametrize("path", [b"/status", b"/metrics", b"/tasks"])
 def test_token_required(path: bytes) -> None:
-    """With a token set, /status and /metrics answer 401 without it or with a wrong one."""
+    """With a token set, /status, /metrics and /tasks answer 401 without it or with a wrong one."""
     guarded = site(GatewayAccess(TOKEN))
     request, _ = get(guarded, path)
     assert request.responseCode == 401
@@ -53,9 +53,9 @@ def test_token_required(path: bytes) -> None:
     assert get(guarded, path, None, b"Authorization: Bearer wrong")[0].responseCode == 401
 
 
-@pytest.mark.parametrize("path", [b"/status", b"/metrics"])
+@pytest.mark.parametrize("path", [b"/status", b"/metrics", b"/tasks"])
 def test_token_presented(path: bytes) -> None:
-    """/status and /metrics answer to the token in the query or the Authorization header."""
+    """/status, /metrics and /tasks answer to the token in the query or the Authorization header."""
     guarded = site(GatewayAccess(TOKEN))
     request, body = get(guarded, path, {b"token": [TOKEN.encode()]})
     assert request.responseCode in (None, 200) and body

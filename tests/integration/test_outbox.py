@@ -86,7 +86,7 @@ class OutboxEndToEndTests(IntegrationTestCase):
     def test_hundred_mails_reach_the_outbox(self) -> None:
         """100 ``send_mail`` in one batch all succeed on role all's defaults, and
         ``/outbox`` then counts 100, with every recipient; the start log says where
-        mail goes."""
+        mail goes; ``/tasks`` lists ``send_mail`` with its parameters."""
         tree, port = self.start()
         said = re.search(
             r"Mail from send_mail goes to the embedded outbox on 127\.0\.0\.1:(\d+) "
@@ -121,6 +121,20 @@ class OutboxEndToEndTests(IntegrationTestCase):
         assert {tuple(m["to"]) for m in document["messages"]} == {(m["to"],) for m in items}
         assert {m["subject"] for m in document["messages"]} == {m["subject"] for m in items}
         assert all(m["from"] == "taskoffload@localhost" for m in document["messages"])
+
+        # /tasks, behind the same token, describes send_mail as its workers loaded it.
+        tasks = f"http://127.0.0.1:{port}/tasks"
+        assert get_json(tasks, token=None)[0] == 401
+        code, described = get_json(tasks)
+        assert code == 200, described
+        by_name = {t["name"]: t for t in described["tasks"]}
+        assert [p["name"] for p in by_name["send_mail"]["parameters"]] == [
+            "to",
+            "subject",
+            "body",
+            "sender",
+        ]
+        assert by_name["send_mail"]["lane"] == "default"
 
     @pytest.mark.timeout(120)
     def test_the_page_shows_the_outbox(self) -> None:
