@@ -20,6 +20,21 @@ import attrs
 import orjson
 
 from taskoffload.catalogue import read_catalogue
+from taskoffload.codes import (
+    BAD_ARGUMENTS,
+    BAD_REQUEST,
+    CANCELLED,
+    ERROR_CODES,
+    OVERLOADED,
+    POISONED,
+    TASK_FAILED,
+    TIMEOUT,
+    UNAUTHORIZED,
+    UNKNOWN_FUNCTION,
+    UNKNOWN_RESUME,
+    WORKER_LOST,
+    WRONG_LANE,
+)
 from taskoffload.lanes import DEFAULT_LANE, LaneInfo, read_ack_lanes
 
 __all__ = [
@@ -29,10 +44,12 @@ __all__ = [
     "DEFAULT_MAX_MESSAGE",
     "ERROR_CODES",
     "OVERLOADED",
+    "POISONED",
     "TASK_FAILED",
     "TIMEOUT",
     "UNAUTHORIZED",
     "UNKNOWN_FUNCTION",
+    "UNKNOWN_RESUME",
     "WORKER_LOST",
     "WRONG_LANE",
     "Auth",
@@ -62,43 +79,6 @@ __all__ = [
     "encode_session",
     "encode_session_ack",
 ]
-
-#: Not JSON, not an object, or missing or ill-typed fields.
-BAD_REQUEST: Final = "bad_request"
-#: No task of that name is registered.
-UNKNOWN_FUNCTION: Final = "unknown_function"
-#: The arguments do not bind to the task's signature.
-BAD_ARGUMENTS: Final = "bad_arguments"
-#: The task raised.
-TASK_FAILED: Final = "task_failed"
-#: The task's deadline passed.
-TIMEOUT: Final = "timeout"
-#: The caller cancelled the request.
-CANCELLED: Final = "cancelled"
-#: The process running the task died, or the connection to it was lost.
-WORKER_LOST: Final = "worker_lost"
-#: A bound was hit; retry later.
-OVERLOADED: Final = "overloaded"
-#: Credentials were missing or wrong.
-UNAUTHORIZED: Final = "unauthorized"
-#: The task runs on another lane's workers; the request did not run.
-WRONG_LANE: Final = "wrong_lane"
-
-#: Every error code, stable and documented in ``docs/protocol.rst``.
-ERROR_CODES: Final = frozenset(
-    {
-        BAD_REQUEST,
-        UNKNOWN_FUNCTION,
-        BAD_ARGUMENTS,
-        TASK_FAILED,
-        TIMEOUT,
-        CANCELLED,
-        WORKER_LOST,
-        OVERLOADED,
-        UNAUTHORIZED,
-        WRONG_LANE,
-    }
-)
 
 #: Default bound on one line or frame, in bytes: 1 MiB.
 DEFAULT_MAX_MESSAGE: Final = 1024 * 1024

@@ -282,9 +282,11 @@ def test_bad_message_becomes_error_reply() -> None:
 
 
 def test_error_codes_are_the_documented_set() -> None:
-    """ERROR_CODES holds exactly the ten stable codes."""
+    """ERROR_CODES holds exactly the twelve stable codes."""
     assert {
         "wrong_lane",
+        "poisoned",
+        "unknown_resume",
         "bad_request",
         "unknown_function",
         "bad_arguments",
