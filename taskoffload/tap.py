@@ -52,6 +52,145 @@ _positive_float.coerceDoc = "Seconds, above 0."  # type: ignore[attr-defined]  #
 _whole_seconds.coerceDoc = "Whole seconds, at least 1."  # type: ignore[attr-defined]  # read by usage.Options
 
 
+#: twistd's option table (usage.Options.optParameters), kept out of the class body.
+OPT_PARAMETERS: list[list[Any]] = [
+    ["role", None, "all", "worker, gateway or all."],
+    [
+        "status-listen",
+        None,
+        None,
+        "Role worker: server endpoint for the pool's own /status and /metrics "
+        "(guarded by --token-file if given), e.g. tcp:9090:interface=127.0.0.1.",
+    ],
+    [
+        "agent-listen",
+        None,
+        None,
+        "Roles worker and all: TCP endpoint answering HAProxy's agent check with the "
+        "pool's free task slots (drain while it stops), e.g. tcp:9091:interface=10.0.0.11.",
+    ],
+    [
+        "listen",
+        None,
+        None,
+        "Server endpoint to listen on (worker default: "
+        f"{DEFAULT_POOL_LISTEN}; gateway and all: {DEFAULT_GATEWAY_LISTEN}).",
+    ],
+    [
+        "pool-listen",
+        None,
+        DEFAULT_POOL_LISTEN,
+        "Role all: server endpoint the workers listen on.",
+    ],
+    ["count", None, None, "Worker processes (default: 4 x CPUs).", _positive_int],
+    ["concurrency", None, 1, "Tasks one worker runs at once.", _positive_int],
+    [
+        "max-message",
+        None,
+        wire.DEFAULT_MAX_MESSAGE,
+        "Longest accepted message, in bytes.",
+        _positive_int,
+    ],
+    [
+        "stop-timeout",
+        None,
+        STOP_TIMEOUT,
+        "Seconds a stopping worker may spend finishing its tasks.",
+        _positive_float,
+    ],
+    [
+        "task-timeout",
+        None,
+        None,
+        "Seconds a task may run when neither its call nor its @task gives a timeout; "
+        "a worker still running it a second later is killed.",
+        _positive_float,
+    ],
+    [
+        "idle-timeout",
+        None,
+        IDLE_TIMEOUT,
+        "Seconds within which a started request line must be finished.",
+        _positive_float,
+    ],
+    [
+        "max-tasks-per-child",
+        None,
+        None,
+        "Replace a worker after it has run this many tasks.",
+        _positive_int,
+    ],
+    [
+        "max-memory-per-child",
+        None,
+        None,
+        "Replace a worker once its resident memory passes this many MiB.",
+        _positive_int,
+    ],
+    [
+        "smtp-host",
+        None,
+        None,
+        "SMTP server for the send_mail example task (default: localhost; role all, "
+        "without it or --smtp-port: an embedded outbox, shown at /outbox).",
+    ],
+    ["smtp-port", None, None, "Its port (default: 25).", _positive_int],
+    [
+        "max-inflight-per-client",
+        None,
+        1000,
+        "Gateway: requests (batch items included) one client may have in flight.",
+        _positive_int,
+    ],
+    [
+        "max-pending",
+        None,
+        100_000,
+        "Gateway: requests all clients together may have in flight.",
+        _positive_int,
+    ],
+    [
+        "gateway-processes",
+        None,
+        1,
+        "Gateway: processes serving its port (one shared socket); more than 1 pays "
+        "with more cores than one process can use (docs/performance.rst).",
+        _positive_int,
+    ],
+    [
+        "prefetch",
+        None,
+        0,
+        "Gateway: while tasks wait for a free worker, send up to this many ahead "
+        "to each busy worker, which starts each as soon as the task before it "
+        "ends. Faster bursts; a prefetched task waits behind a long one, and "
+        "fails with worker_lost if that worker is lost (docs/gateway.rst).",
+        _non_negative_int,
+    ],
+    [
+        "auto-ping",
+        None,
+        AUTO_PING,
+        "Gateway: seconds between WebSocket pings; a peer silent as long again is dropped.",
+        _whole_seconds,
+    ],
+    [
+        "secret-file",
+        None,
+        None,
+        "A file holding the worker port's shared secret: every connection must answer "
+        "an HMAC challenge with it (workers), and the gateway answers with it.",
+    ],
+    [
+        "token-file",
+        None,
+        None,
+        "Gateway: a file holding the token WebSocket clients and /status, /metrics "
+        "readers must present (Authorization: Bearer TOKEN, or ?token=TOKEN).",
+    ],
+]
+
+
 class Options(usage.Options):
     """Options for every role; each role reads the ones it needs."""
 
@@ -71,142 +210,7 @@ class Options(usage.Options):
         ],
     ]
 
-    optParameters: list[list[Any]] = [
-        ["role", None, "all", "worker, gateway or all."],
-        [
-            "status-listen",
-            None,
-            None,
-            "Role worker: server endpoint for the pool's own /status and /metrics "
-            "(guarded by --token-file if given), e.g. tcp:9090:interface=127.0.0.1.",
-        ],
-        [
-            "agent-listen",
-            None,
-            None,
-            "Roles worker and all: TCP endpoint answering HAProxy's agent check with the "
-            "pool's free task slots (drain while it stops), e.g. tcp:9091:interface=10.0.0.11.",
-        ],
-        [
-            "listen",
-            None,
-            None,
-            "Server endpoint to listen on (worker default: "
-            f"{DEFAULT_POOL_LISTEN}; gateway and all: {DEFAULT_GATEWAY_LISTEN}).",
-        ],
-        [
-            "pool-listen",
-            None,
-            DEFAULT_POOL_LISTEN,
-            "Role all: server endpoint the workers listen on.",
-        ],
-        ["count", None, None, "Worker processes (default: 4 x CPUs).", _positive_int],
-        ["concurrency", None, 1, "Tasks one worker runs at once.", _positive_int],
-        [
-            "max-message",
-            None,
-            wire.DEFAULT_MAX_MESSAGE,
-            "Longest accepted message, in bytes.",
-            _positive_int,
-        ],
-        [
-            "stop-timeout",
-            None,
-            STOP_TIMEOUT,
-            "Seconds a stopping worker may spend finishing its tasks.",
-            _positive_float,
-        ],
-        [
-            "task-timeout",
-            None,
-            None,
-            "Seconds a task may run when neither its call nor its @task gives a timeout; "
-            "a worker still running it a second later is killed.",
-            _positive_float,
-        ],
-        [
-            "idle-timeout",
-            None,
-            IDLE_TIMEOUT,
-            "Seconds within which a started request line must be finished.",
-            _positive_float,
-        ],
-        [
-            "max-tasks-per-child",
-            None,
-            None,
-            "Replace a worker after it has run this many tasks.",
-            _positive_int,
-        ],
-        [
-            "max-memory-per-child",
-            None,
-            None,
-            "Replace a worker once its resident memory passes this many MiB.",
-            _positive_int,
-        ],
-        [
-            "smtp-host",
-            None,
-            None,
-            "SMTP server for the send_mail example task (default: localhost; role all, "
-            "without it or --smtp-port: an embedded outbox, shown at /outbox).",
-        ],
-        ["smtp-port", None, None, "Its port (default: 25).", _positive_int],
-        [
-            "max-inflight-per-client",
-            None,
-            1000,
-            "Gateway: requests (batch items included) one client may have in flight.",
-            _positive_int,
-        ],
-        [
-            "max-pending",
-            None,
-            100_000,
-            "Gateway: requests all clients together may have in flight.",
-            _positive_int,
-        ],
-        [
-            "gateway-processes",
-            None,
-            1,
-            "Gateway: processes serving its port (one shared socket); more than 1 pays "
-            "with more cores than one process can use (docs/performance.rst).",
-            _positive_int,
-        ],
-        [
-            "prefetch",
-            None,
-            0,
-            "Gateway: while tasks wait for a free worker, send up to this many ahead "
-            "to each busy worker, which starts each as soon as the task before it "
-            "ends. Faster bursts; a prefetched task waits behind a long one, and "
-            "fails with worker_lost if that worker is lost (docs/gateway.rst).",
-            _non_negative_int,
-        ],
-        [
-            "auto-ping",
-            None,
-            AUTO_PING,
-            "Gateway: seconds between WebSocket pings; a peer silent as long again is dropped.",
-            _whole_seconds,
-        ],
-        [
-            "secret-file",
-            None,
-            None,
-            "A file holding the worker port's shared secret: every connection must answer "
-            "an HMAC challenge with it (workers), and the gateway answers with it.",
-        ],
-        [
-            "token-file",
-            None,
-            None,
-            "Gateway: a file holding the token WebSocket clients and /status, /metrics "
-            "readers must present (Authorization: Bearer TOKEN, or ?token=TOKEN).",
-        ],
-    ]
+    optParameters: list[list[Any]] = OPT_PARAMETERS
 
     def __init__(self) -> None:
         super().__init__()
