@@ -41,13 +41,14 @@ def child_config(
     directory: str,
     pool_in_parent: bool,
     pool_addresses: list[str],
-    limits: dict[str, int],
+    limits: dict[str, float],
     auto_ping: float,
     stop_timeout: float,
     token: str | None,
     allowed_origins: list[str],
     secret: bytes | None,
     prefetch: int,
+    poison: tuple[float, float] = (60.0, 300.0),
 ) -> bytes:
     """:return: the configuration line of gateway process ``index``."""
     return (
@@ -65,6 +66,7 @@ def child_config(
                 "allowed_origins": allowed_origins,
                 "secret": secret.hex() if secret is not None else None,
                 "prefetch": prefetch,
+                "poison": list(poison),
             }
         ).encode()
         + b"\n"
@@ -89,6 +91,7 @@ def service_from_config(config: dict[str, Any], reactor: Any = None) -> Any:
         ),
         secret=bytes.fromhex(secret) if secret else None,
         prefetch=config["prefetch"],
+        poison=tuple(config.get("poison") or (60.0, 300.0)),
         shared=SharedPort(
             fd=LISTEN_FD,
             family=_FAMILIES[config["family"]],

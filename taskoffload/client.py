@@ -33,7 +33,9 @@ from taskoffload.calls import timeout_error as timeout_error
 from taskoffload.connections import TaskClientProtocol
 from taskoffload.defaults import DEFAULT_POOL
 from taskoffload.errors import TaskError
+from taskoffload.flights import Flights
 from taskoffload.interfaces import ITaskPool
+from taskoffload.poison import DEFAULT_COOLDOWN, DEFAULT_WINDOW, PoisonTable
 from taskoffload.routing import LaneRouter
 from taskoffload.targets import CONNECT_BACKOFF, PoolAddress, parse_lane_address
 
@@ -105,6 +107,14 @@ class TaskClient:
         if another worker frees first, and if its worker is lost it fails with
         ``worker_lost`` (or is sent again, if idempotent) like the call ahead of
         it, since the client cannot tell whether it had started.
+    :param poison_window: seconds within which a call (function and arguments)
+        that killed two workers is quarantined; 0: never (:mod:`taskoffload.poison`).
+    :param poison_cooldown: seconds a quarantined call is answered ``poisoned``
+        at once instead of being sent.
+    :param ask_why_lost: when a connection is lost with calls in flight, ask
+        the pool why its worker ended (``{"lost": PID}``, up to 1 s) and fail
+        the calls with ``worker_lost`` carrying the ``cause``; ``False``: fail
+        them at once, without it (and count no kills for quarantine).
     :raises ValueError: for an unreadable address or an out-of-range number.
     """
 
@@ -122,6 +132,9 @@ class TaskClient:
         connect_timeout: float = 5.0,
         secret: bytes | None = None,
         prefetch: int = 0,
+        poison_window: float = DEFAULT_WINDOW,
+        poison_cooldown: float = DEFAULT_COOLDOWN,
+        ask_why_lost: bool = True,
     ) -> None:
         if isinstance(addresses, str):
             raise ValueError("addresses is a sequence of address strings, not one string")
@@ -142,6 +155,9 @@ class TaskClient:
         self._timeout = timeout
         self._prefetch = prefetch
         self._ids = itertools.count(1)
+        #: The calls that killed workers lately (``/status``'s ``poison``).
+        self.poison = PoisonTable(reactor, poison_window, poison_cooldown)
+        self._flights = Flights()  # the calls sent with a key
         self._lanes = LaneRouter(
             reactor,
             [parse_lane_address(text) for text in addresses],
@@ -152,6 +168,8 @@ class TaskClient:
             connect_timeout=connect_timeout,
             secret=secret,
             prefetch=prefetch,
+            poison=self.poison,
+            ask_why_lost=ask_why_lost,
         )
 
     # ITaskPool
@@ -172,6 +190,7 @@ class TaskClient:
         kwargs: Mapping[str, Any] | None = None,
         timeout: float | None = None,
         on_progress: Callable[[Any], object] | None = None,
+        key: str | None = None,
     ) -> Deferred[Any]:
         """
         Run ``function(*args, **kwargs)``.
@@ -190,15 +209,33 @@ class TaskClient:
             for the client's default.  It is sent along so the worker enforces it too.
         :param on_progress: called with each progress value the task reports
             before its result; what it raises is logged.
+        :param key: single flight: while a call of ``function`` sent with the
+            same key by this client runs, join it (its progress from then on,
+            its outcome) instead of sending another; ``args``, ``kwargs`` and
+            ``timeout`` are then not used.  Cancelling leaves the run to its
+            other callers; the last to leave cancels it (:mod:`taskoffload.flights`).
         :return: a Deferred that fires with the result or fails with
             :class:`TaskError`.
-        :raises ValueError: if ``timeout`` is not positive.
+        :raises ValueError: if ``timeout`` is not positive, or ``key`` not a
+            non-empty string.
         """
         check_timeout(timeout)
+        if key is not None:
+            if not isinstance(key, str) or not key:
+                raise ValueError("key must be a non-empty string")
+            return self._flights.call(
+                function,
+                key,
+                lambda progress: self.send_task(function, args, kwargs, timeout, progress),
+                on_progress,
+            )
         if timeout is None:
             timeout = self._timeout
         if self._lanes.closed:
             return defer.fail(TaskError(wire.WORKER_LOST, "client closed"))
+        refused = self.poison.refusal(function, args, kwargs or {})
+        if refused is not None:
+            return defer.fail(refused)
         call = Call(
             next(self._ids),
             function,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Final
 
 from twisted.internet.defer import Deferred
@@ -24,6 +24,7 @@ from taskoffload import wire
 from taskoffload._transport import write_now
 from taskoffload.calls import Call, CallState
 from taskoffload.ingest import FairIngest
+from taskoffload.lost import LostAnswer
 from taskoffload.targets import Target
 
 __all__ = [
@@ -120,6 +121,8 @@ class TaskClientProtocol(LineReceiver):
         self.concurrency = 1
         #: Fires with this protocol once accepted; fails if lost before.
         self.ready: Deferred[TaskClientProtocol] = Deferred(lambda d: self._abort())
+        #: Told each answer to a question about a lost worker asked on it.
+        self.lost_answers: Callable[[TaskClientProtocol, LostAnswer], object] | None = None
 
     def connectionMade(self) -> None:
         if self.target.address.kind == "tcp":
@@ -175,6 +178,10 @@ class TaskClientProtocol(LineReceiver):
             return
         if isinstance(reply, wire.Goodbye):
             self.owner.goodbye(self)
+            return
+        if isinstance(reply, LostAnswer):
+            if self.lost_answers is not None:
+                self.lost_answers(self, reply)
             return
         self._reply_received(reply)
 

@@ -13,6 +13,7 @@ __all__ = [
     "DEFAULT_POOL",
     "DEFAULT_POOL_LISTEN",
     "IDLE_TIMEOUT",
+    "MAX_DETACH",
     "STOP_TIMEOUT",
 ]
 
@@ -33,3 +34,6 @@ IDLE_TIMEOUT: Final = 60.0
 
 #: Seconds between the gateway's WebSocket pings.
 AUTO_PING: Final = 30.0
+
+#: The most seconds a gateway request may ask to outlive its WebSocket (``--max-detach``).
+MAX_DETACH: Final = 300.0

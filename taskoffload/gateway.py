@@ -21,7 +21,9 @@ from zope.interface import implementer
 from taskoffload._transport import write_now
 from taskoffload.access import GatewayAccess
 from taskoffload.defaults import AUTO_PING
+from taskoffload.detach import DetachedCalls
 from taskoffload.fairshare import LaneShares
+from taskoffload.flights import Flights
 from taskoffload.ingest import FairIngest
 from taskoffload.interfaces import ITaskPool
 from taskoffload.session import GatewayLimits, GatewaySession
@@ -168,6 +170,8 @@ class GatewayFactory(WebSocketServerFactory):
     :param stats: the counters ``/status`` and ``/metrics`` read.
     :param auto_ping: seconds between pings; a peer silent for as long again is dropped.
     :param access: who may connect; by default anyone.
+    :param process: names this process among several gateway processes, in
+        the resume tokens it gives; ``None`` for a lone gateway.
     """
 
     protocol = GatewayProtocol  # type: ignore[assignment]  # Autobahn's factories take a protocol class
@@ -181,6 +185,7 @@ class GatewayFactory(WebSocketServerFactory):
         auto_ping: float = AUTO_PING,
         url: str | None = None,
         access: GatewayAccess | None = None,
+        process: str | None = None,
     ) -> None:
         super().__init__(url)
         self.pool = pool
@@ -194,6 +199,9 @@ class GatewayFactory(WebSocketServerFactory):
         self.fair_share = LaneShares(pool, clock)
         #: The clients' messages, a bounded number per reactor turn.
         self.ingest = FairIngest(clock)
+        #: The keyed calls running (single flight), and the detachable calls.
+        self.flights = Flights()
+        self.detached = self.stats.detached = DetachedCalls(clock, process)
         self.setProtocolOptions(
             maxMessagePayloadSize=self.limits.max_message,
             maxFramePayloadSize=self.limits.max_message,
@@ -209,4 +217,12 @@ class GatewayFactory(WebSocketServerFactory):
         :param send: sends one reply to the new client.
         :return: the session of a client whose handshake has just completed.
         """
-        return GatewaySession(send, self.fair_share, self.stats, self.limits, self.clock)
+        return GatewaySession(
+            send,
+            self.fair_share,
+            self.stats,
+            self.limits,
+            self.clock,
+            flights=self.flights,
+            detached=self.detached,
+        )

@@ -7,10 +7,13 @@ line; and how it gives a call up and closes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, Final
 
+from twisted.internet import defer
 from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import clientFromString
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -19,11 +22,14 @@ from taskoffload.calls import Call, CallState, WaitingLine
 from taskoffload.connections import (
     ConnectionFactory,
     ConnectionSet,
+    IConnectionOwner,
     TaskClientProtocol,
     accepted,
 )
 from taskoffload.errors import TaskError
 from taskoffload.ingest import FairIngest
+from taskoffload.inquiry import LostInquiries
+from taskoffload.poison import PoisonTable
 from taskoffload.settling import Settler
 from taskoffload.targets import Target, Targets
 
@@ -52,6 +58,9 @@ class Sender:
     :param reroute: called with each call about to go out of the line: if the
         pool has said since that its task runs on another lane, it moves the
         call to that lane's line and returns ``True``.
+    :param poison: the client's poison table: what its lost calls killed.
+    :param ask_why_lost: ask the pool why a lost connection's worker ended
+        before failing its calls (:mod:`taskoffload.inquiry`), and count kills.
     """
 
     def __init__(
@@ -67,6 +76,8 @@ class Sender:
         secret: bytes | None,
         prefetch: int,
         reroute: Callable[[Call], bool] | None = None,
+        poison: PoisonTable | None = None,
+        ask_why_lost: bool = True,
     ) -> None:
         self._reactor = reactor
         self._reroute = reroute
@@ -82,7 +93,9 @@ class Sender:
         # replies on this lane never holds another lane's for long.
         self._ingest = FairIngest(reactor, per_turn=REPLIES_PER_TURN)
         self._connections = ConnectionSet(reactor, idle_timeout, prefetch)
-        self._settler = Settler(self, self._line, self._connections, log)
+        self._inquiries = LostInquiries(reactor, self._connections, self._open_carrier, poison)
+        asking = self._inquiries if ask_why_lost else None
+        self._settler = Settler(self, self._line, self._connections, log, asking)
 
     @property
     def closed(self) -> bool:
@@ -170,8 +183,9 @@ class Sender:
             self._connections.cancel_attempts()
             for call in dropped:
                 call.answer(TaskError(wire.WORKER_LOST, "client closed"))
+        asked = self._inquiries.close()
         self._connections.check_closed()
-        return closed
+        return defer.gatherResults([closed, asked]).addCallback(lambda _: None)
 
     def _prefetch_calls(self) -> None:
         """Send waiting calls ahead on busy connections, but those opening connections will take."""
@@ -219,6 +233,18 @@ class Sender:
             call.answer(TaskError(wire.WORKER_LOST, message))
 
     # Connecting
+
+    def _open_carrier(
+        self, target: Target, owner: IConnectionOwner
+    ) -> Deferred[TaskClientProtocol]:
+        """
+        :return: a Deferred firing with a connection to ``target`` for
+            ``owner`` (no call of this lane's), once a worker accepted it.
+        """
+        factory = ConnectionFactory(owner, target, self._max_message, self._secret)
+        whole = math.ceil(self._connect_timeout)
+        attempt = clientFromString(self._reactor, target.address.endpoint(whole)).connect(factory)
+        return attempt.addCallback(accepted)
 
     def _open(self, target: Target) -> None:
         """Start a connection attempt to ``target``."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final
 
@@ -21,6 +22,7 @@ from taskoffload.client import TaskClient
 from taskoffload.defaults import AUTO_PING, STOP_TIMEOUT
 from taskoffload.gateway import GatewayFactory
 from taskoffload.interfaces import ITaskPool
+from taskoffload.poison import DEFAULT_COOLDOWN, DEFAULT_WINDOW
 from taskoffload.session import GatewayLimits
 from taskoffload.shared_metrics import (
     SharedGatewayMetrics,
@@ -93,6 +95,8 @@ class GatewayService(Service):
         it serves (inherited from the parent, with its address family) instead of
         ``listen``, and the directory of the counters the processes share
         (:mod:`taskoffload.shared_metrics`).
+    :param poison: the ``--poison-window`` and ``--poison-cooldown`` of the
+        gateway's ``TaskClient`` (:mod:`taskoffload.poison`).
     :param outbox: the embedded outbox (role all given neither ``--smtp-host`` nor
         ``--smtp-port``), served at ``/outbox``; without it there is no ``/outbox``.
     """
@@ -109,6 +113,7 @@ class GatewayService(Service):
         access: GatewayAccess | None = None,
         secret: bytes | None = None,
         prefetch: int = 0,
+        poison: tuple[float, float] = (DEFAULT_WINDOW, DEFAULT_COOLDOWN),
         shared: SharedPort | None = None,
         outbox: Outbox | None = None,
     ) -> None:
@@ -116,6 +121,7 @@ class GatewayService(Service):
         self.outbox = outbox
         self.secret = secret
         self.prefetch = prefetch
+        self.poison = poison
         self.stop_timeout = stop_timeout
         self.listen = listen
         self.pool_addresses = list(pool_addresses)
@@ -184,8 +190,14 @@ class GatewayService(Service):
         """
         if self._listening is not None:
             return self._listening
-        self.client = TaskClient(
-            self.reactor, self._addresses(), secret=self.secret, prefetch=self.prefetch
+        window, cooldown = self.poison
+        self.client = client = TaskClient(
+            self.reactor,
+            self._addresses(),
+            secret=self.secret,
+            prefetch=self.prefetch,
+            poison_window=window,
+            poison_cooldown=cooldown,
         )
         metrics: GatewayMetrics | SharedGatewayMetrics
         if self.shared is not None:
@@ -194,6 +206,7 @@ class GatewayService(Service):
             metrics = GatewayMetrics(lambda: self.status())
         self._metrics = metrics
         self.stats = GatewayStats(on_finished=metrics.finished)
+        self.stats.poison = client.poison
         self.factory = factory = GatewayFactory(
             self.client,
             self.reactor,
@@ -201,6 +214,8 @@ class GatewayService(Service):
             self.stats,
             auto_ping=self.auto_ping,
             access=self.access,
+            # Several processes: resume tokens name theirs (taskoffload.detach).
+            process=str(os.getpid()) if self.shared is not None else None,
         )
         outbox = self.outbox.to_json if self.outbox is not None else None
         site = make_site(factory, self.status, metrics, outbox=outbox)

@@ -19,8 +19,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from taskoffload import wire
+from taskoffload.detach import DEFAULT_MAX_DETACH, DetachedCall, DetachedCalls, detach_problem
 from taskoffload.errors import TaskError
 from taskoffload.fairshare import FairShare, LaneShares
+from taskoffload.flights import Flights
+from taskoffload.lost import LostQuery
 from taskoffload.stats import GatewayStats
 
 __all__ = ["GatewayLimits", "GatewaySession"]
@@ -36,6 +39,7 @@ class GatewayLimits:
         have unanswered before further ones get ``overloaded``.
     :param max_pending: the same bound over all clients together.
     :param max_message: the longest frame accepted, in bytes.
+    :param max_detach: the most seconds a request may ask to outlive its connection.
     """
 
     def __init__(
@@ -43,21 +47,59 @@ class GatewayLimits:
         max_inflight_per_client: int = 1000,
         max_pending: int = 100_000,
         max_message: int = wire.DEFAULT_MAX_MESSAGE,
+        max_detach: float = DEFAULT_MAX_DETACH,
     ) -> None:
         self.max_inflight_per_client = max_inflight_per_client
         self.max_pending = max_pending
         self.max_message = max_message
+        self.max_detach = max_detach
 
 
 class _Pending:
     """One request in flight for one client."""
 
-    __slots__ = ("deferreds", "id", "reply")
+    __slots__ = ("deferreds", "held", "id", "reply")
 
     def __init__(self, request_id: wire.RequestId) -> None:
         self.id = request_id
         self.deferreds: list[Deferred[Any]] = []
         self.reply: bytes | None = None
+        #: A detachable request's record (its replies go through it).
+        self.held: DetachedCall | None = None
+
+    def cancel(self) -> None:
+        for d in list(self.deferreds):
+            d.cancel()
+
+
+class _Line:
+    """
+    The client's line at the pool (:mod:`taskoffload.fairshare`), closed once
+    the client has gone and no call it sent is left: a call shared by a key, or
+    a detached one, outlives its client.
+    """
+
+    def __init__(self, line: Any) -> None:
+        self._line = line
+        self._calls = 0
+        self._gone = False
+
+    def call(self, *call: Any) -> Deferred[Any]:
+        self._calls += 1
+
+        def ended(outcome: Any) -> Any:
+            self._calls -= 1
+            if self._gone and not self._calls:
+                self._line.close()
+            return outcome
+
+        d: Deferred[Any] = self._line.call(*call)
+        return d.addBoth(ended)
+
+    def close(self) -> None:
+        self._gone = True
+        if not self._calls:
+            self._line.close()
 
 
 class GatewaySession:
@@ -71,6 +113,8 @@ class GatewaySession:
     :param stats: the gateway's counters.
     :param limits: the gateway's bounds.
     :param clock: for latencies.
+    :param flights: the keyed calls running, shared by the gateway's sessions.
+    :param detached: the detachable calls, shared by the gateway's sessions.
     """
 
     def __init__(
@@ -80,9 +124,13 @@ class GatewaySession:
         stats: GatewayStats,
         limits: GatewayLimits,
         clock: IReactorTime,
+        flights: Flights | None = None,
+        detached: DetachedCalls | None = None,
     ) -> None:
         self._send = send
-        self._line = share.client()
+        self._line = _Line(share.client())
+        self._flights = flights if flights is not None else Flights()
+        self._detached = detached if detached is not None else DetachedCalls(clock)
         self._stats = stats
         self._limits = limits
         self._clock = clock
@@ -117,13 +165,19 @@ class GatewaySession:
         if isinstance(message, wire.Cancel):
             pending = self._by_id.get(message.id)
             if pending is not None:
-                for d in list(pending.deferreds):
-                    d.cancel()
+                pending.cancel()
+            else:
+                self._detached.cancel(self, message.id)  # one this client resumed
             return
-        if isinstance(message, (wire.Session, wire.Auth)):
+        if isinstance(message, wire.Resume):
+            refused = self._detached.resume(message, self, self._reply)
+            if refused is not None:
+                self._reply_now(refused)
+            return
+        if isinstance(message, (wire.Session, wire.Auth, LostQuery)):
             self._reply_now(
                 wire.ErrorReply(
-                    None, wire.BAD_REQUEST, "session and auth lines are for the worker port"
+                    None, wire.BAD_REQUEST, "session, auth and lost lines are for the worker port"
                 )
             )
             return
@@ -147,8 +201,9 @@ class GatewaySession:
         self._open = False
         self._stats.clients -= 1
         for pending in [*self._by_id.values(), *self._unnamed]:
-            for d in pending.deferreds:
-                d.cancel()
+            if pending.held is None:
+                pending.cancel()
+        self._detached.release(self)  # a detachable call waits for a resume instead
         self._line.close()
 
     def _request(self, message: wire.Request) -> None:
@@ -163,6 +218,10 @@ class GatewaySession:
         limits = self._limits
         if message.batch is not None and not message.batch:
             self._reply_now(wire.ErrorReply(message.id, wire.BAD_REQUEST, "an empty batch"))
+            return
+        problem = detach_problem(message, limits.max_detach)
+        if problem is not None:
+            self._reply_now(wire.ErrorReply(message.id, wire.BAD_REQUEST, problem))
             return
         if items > limits.max_inflight_per_client:
             self._reply_now(
@@ -180,7 +239,7 @@ class GatewaySession:
                 f"more than {limits.max_inflight_per_client} requests in flight on this connection",
             )
             return
-        if self._stats.inflight + items > limits.max_pending:
+        if self._stats.inflight + self._detached.waiting + items > limits.max_pending:
             self._overloaded(message, f"the gateway has {limits.max_pending} requests pending")
             return
         pending = _Pending(message.id)
@@ -190,6 +249,9 @@ class GatewaySession:
             self._by_id[message.id] = pending
         self._count += items
         self._stats.started(items)
+        if message.detach is not None:
+            pending.held = self._detached.hold(message.id, message.detach, items, self, self._reply)
+            pending.held.cancel = pending.cancel
         if message.batch is None:
             self._single(pending, message)
         else:
@@ -216,7 +278,10 @@ class GatewaySession:
         self._count -= items
         if pending.id is not None:
             del self._by_id[pending.id]
-            self._reply(reply)
+            if pending.held is not None:
+                pending.held.finished(reply)  # to whichever connection holds it now
+            else:
+                self._reply(reply)
             return
         pending.reply = reply
         while self._unnamed and self._unnamed[0].reply is not None:
@@ -233,10 +298,20 @@ class GatewaySession:
         kwargs: dict[str, Any],
         timeout: float | None,
         on_progress: Callable[[Any], None] | None,
+        key: str | None = None,
     ) -> Deferred[Any]:
-        """Run one task; the Deferred fires with its result or a TaskError, never fails."""
+        """Run one task, or join the run of its ``key``; the Deferred fires with its
+        result or a TaskError, never fails."""
         started = self._clock.seconds()
-        d = self._line.call(function, args, kwargs, timeout, on_progress)
+        if key is None:
+            d = self._line.call(function, args, kwargs, timeout, on_progress)
+        else:
+            d = self._flights.call(
+                function,
+                key,
+                lambda p: self._line.call(function, args, kwargs, timeout, p),
+                on_progress,
+            )
 
         def done(outcome: Any) -> Any:
             seconds = self._clock.seconds() - started
@@ -250,11 +325,19 @@ class GatewaySession:
         d.addBoth(done)
         return d
 
+    def _progress(self, pending: _Pending, value: Any) -> None:
+        if pending.held is not None:
+            pending.held.progress(value)  # numbered, kept, sent to its holder
+        else:
+            self._reply(wire.encode_reply(wire.Progress(pending.id, value)))
+
     def _single(self, pending: _Pending, request: wire.Request) -> None:
         def progress(value: Any) -> None:
-            self._reply(wire.encode_reply(wire.Progress(request.id, value)))
+            self._progress(pending, value)
 
-        d = self._call(request.function, request.args, request.kwargs, request.timeout, progress)
+        d = self._call(
+            request.function, request.args, request.kwargs, request.timeout, progress, request.key
+        )
         pending.deferreds.append(d)
 
         def reply(outcome: Any) -> None:
@@ -280,12 +363,14 @@ class GatewaySession:
                 error: dict[str, Any] = {"code": outcome.code, "message": outcome.message}
                 if outcome.type is not None:
                     error["type"] = outcome.type
+                if outcome.cause is not None:
+                    error["cause"] = outcome.cause
                 results[index] = {"error": error}
                 counts["failed"] += 1
             else:
                 results[index] = {"result": outcome}
             counts["done"] += 1
-            self._reply(wire.encode_reply(wire.Progress(request.id, {**counts, "total": total})))
+            self._progress(pending, {**counts, "total": total})
             if counts["done"] == total:
                 self._finish(pending, wire.encode_reply(wire.Result(request.id, results)), total)
 

@@ -22,6 +22,7 @@ from taskoffload.connections import (
     TaskClientProtocol,
 )
 from taskoffload.errors import TaskError
+from taskoffload.inquiry import LostInquiries
 from taskoffload.targets import Target
 
 __all__ = ["Dispatch", "Settler"]
@@ -74,15 +75,23 @@ class Settler:
     :param line: the waiting calls.
     :param connections: the client's connections.
     :param log: where to log, under the client's name.
+    :param inquiries: ask the pool why a lost connection's worker ended before
+        its calls fail, and count the kills; without them the calls fail at once.
     """
 
     def __init__(
-        self, sender: Dispatch, line: WaitingLine, connections: ConnectionSet, log: Logger
+        self,
+        sender: Dispatch,
+        line: WaitingLine,
+        connections: ConnectionSet,
+        log: Logger,
+        inquiries: LostInquiries | None = None,
     ) -> None:
         self._sender = sender
         self._line = line
         self._connections = connections
         self._log = log
+        self._inquiries = inquiries
 
     def progress(self, connection: TaskClientProtocol, call: Call, value: Any) -> None:
         """Pass progress to the caller's ``on_progress`` while the caller waits."""
@@ -166,6 +175,7 @@ class Settler:
         if not self._connections.holds(connection):
             # Never handed over (lost while connecting), or already forgotten.
             return
+        in_flight = connection.carried()
         self._connections.forget(connection)
         why = reason.getErrorMessage()
         if not self._connections.closed:
@@ -186,9 +196,14 @@ class Settler:
             self._connections.check_closed()
         else:
             self._sender.dispatch()
-        for dropped in (lost, *lost_ahead):
-            if dropped is not None:
-                dropped.answer(_lost_error(connection.target, why))
+        failed = [dropped for dropped in (lost, *lost_ahead) if dropped is not None]
+        if self._inquiries is not None:
+            # Answered once the pool says why the worker ended (or at the latest
+            # 1 s on), each death counted against the calls it had (poison).
+            self._inquiries.settle(connection, in_flight, failed, why)
+            return
+        for dropped in failed:
+            dropped.answer(_lost_error(connection.target, why))
 
     def _promote(self, connection: TaskClientProtocol) -> None:
         """The call sent ahead on ``connection`` is now the one its worker runs."""
@@ -219,7 +234,17 @@ class Settler:
             its reply is to be sent once more: its task is idempotent, and this
             was its first attempt.
         """
-        return not call.retried and not self._connections.closed and call.function in target.retry
+        return (
+            not call.retried
+            and not self._connections.closed
+            and call.function in target.retry
+            and not self._killed_twice(call)
+        )
+
+    def _killed_twice(self, call: Call) -> bool:
+        """:return: whether this loss would be ``call``'s second kill: it goes no more."""
+        poison = self._inquiries.poison if self._inquiries is not None else None
+        return poison is not None and poison.killed_twice(call.function, call.args, call.kwargs)
 
     def _retry(self, call: Call, connection: TaskClientProtocol, why: str) -> None:
         """Requeue a call that :meth:`_may_retry` after ``connection`` broke; caller dispatches."""

@@ -23,8 +23,14 @@ from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
 from taskoffload.stats import (
+    DETACHED,
+    EXPIRED,
     LATENCY_BUCKETS,
     PENDING_HELP,
+    POISON_KILLS,
+    POISONED,
+    QUARANTINED,
+    RESUMED,
     TASK_SECONDS,
     GatewayStats,
     LaneCollector,
@@ -120,6 +126,14 @@ class SharedGatewayMetrics(ReplyCounter):
         self.pending = Gauge(
             "taskoffload_pending", PENDING_HELP, registry=None, multiprocess_mode="livesum"
         )
+        self.detached = Gauge(*DETACHED, registry=None, multiprocess_mode="livesum")
+        self.resumed = Counter(*RESUMED, registry=None)
+        self.expired = Counter(*EXPIRED, registry=None)
+        self._detached_counted = (0, 0)
+        self.quarantined = Gauge(*QUARANTINED, registry=None, multiprocess_mode="livesum")
+        self.poisoned = Counter(*POISONED, registry=None)
+        self.poison_kills = Counter(*POISON_KILLS, registry=None)
+        self._poison_counted = (0, 0)
         #: Every process's counts, alone: what ``/status`` sums.
         self.counts = CollectorRegistry()
         multiprocess.MultiProcessCollector(self.counts)
@@ -137,6 +151,20 @@ class SharedGatewayMetrics(ReplyCounter):
         self.clients.set(stats.clients)
         self.inflight.set(stats.inflight)
         self.pending.set(stats.waiting())
+        if stats.detached is not None:
+            figures = stats.detached
+            self.detached.set(figures.held)
+            resumed, expired = self._detached_counted
+            self.resumed.inc(figures.resumed - resumed)
+            self.expired.inc(figures.expired - expired)
+            self._detached_counted = (figures.resumed, figures.expired)
+        if stats.poison is not None:
+            poison = stats.poison
+            self.quarantined.set(poison.quarantined())
+            refused, killed = self._poison_counted
+            self.poisoned.inc(poison.refused - refused)
+            self.poison_kills.inc(poison.killed - killed)
+            self._poison_counted = (poison.refused, poison.killed)
 
 
 def shared_gateway_status(registry: CollectorRegistry) -> dict[str, Any]:
@@ -154,7 +182,13 @@ def shared_gateway_status(registry: CollectorRegistry) -> dict[str, Any]:
         "by_function": {},
         "by_outcome": {},
         "latency_from": "histogram",
+        "detached": {"held": 0, "resumed": 0, "expired": 0},
+        "poison": {"quarantined": 0, "refused": 0, "kills": 0},
     }
+    poison = {"taskoffload_poison_quarantined": "quarantined"}
+    poison.update(taskoffload_poisoned_total="refused", taskoffload_poison_kills_total="kills")
+    detached = {"taskoffload_detached": "held", "taskoffload_resumed_total": "resumed"}
+    detached["taskoffload_detached_expired_total"] = "expired"
     buckets: list[tuple[float, float]] = []
     for metric in registry.collect():
         for sample in metric.samples:
@@ -167,6 +201,10 @@ def shared_gateway_status(registry: CollectorRegistry) -> dict[str, Any]:
                 by_outcome[outcome] = by_outcome.get(outcome, 0) + count
             elif sample.name in ("taskoffload_clients", "taskoffload_inflight"):
                 figures[sample.name.removeprefix("taskoffload_")] = int(sample.value)
+            elif sample.name in detached:
+                figures["detached"][detached[sample.name]] = int(sample.value)
+            elif sample.name in poison:
+                figures["poison"][poison[sample.name]] = int(sample.value)
             elif sample.name == "taskoffload_request_seconds_bucket":
                 buckets.append((float(sample.labels["le"]), sample.value))
     figures["latency"] = _bucket_percentiles(sorted(buckets))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client import Counter as PrometheusCounter
@@ -19,6 +19,10 @@ from prometheus_client.registry import Collector
 
 from taskoffload import wire
 from taskoffload.fairshare import FairShare, LaneShares
+
+if TYPE_CHECKING:
+    from taskoffload.detach import DetachedCalls
+    from taskoffload.poison import PoisonTable
 
 __all__ = [
     "LATENCY_WINDOW",
@@ -87,6 +91,10 @@ class GatewayStats:
         #: each session (:class:`~taskoffload.session.GatewaySession`), read by
         #: :meth:`waiting`.
         self.shares: FairShare | LaneShares | None = None
+        #: The gateway's detachable calls (set by its factory), for ``detached``.
+        self.detached: DetachedCalls | None = None
+        #: The gateway's poison table (set by its service), for ``poison``.
+        self.poison: PoisonTable | None = None
         self._on_finished = on_finished
 
     def started(self, count: int = 1) -> None:
@@ -146,6 +154,16 @@ class GatewayStats:
             "by_function": dict(self.by_function),
             "by_outcome": dict(self.by_outcome),
             "latency": self.percentiles(),
+            "detached": (
+                self.detached.status()
+                if self.detached is not None
+                else {"held": 0, "resumed": 0, "expired": 0}
+            ),
+            "poison": (
+                self.poison.status()
+                if self.poison is not None
+                else {"quarantined": 0, "refused": 0, "kills": 0}
+            ),
         }
 
 
@@ -257,7 +275,41 @@ class StatusCollector(Collector):
         yield GaugeMetricFamily(
             "taskoffload_pending", PENDING_HELP, value=sum(lane.get("waiting", 0) for lane in lanes)
         )
+        yield from detached_families(gateway.get("detached") or {})
+        yield from poison_families(gateway.get("poison") or {})
         yield from pool_families(document.get("pool") or {})
+
+
+#: The detached calls' metrics: name, help (made alike in both kinds of metrics).
+DETACHED: Final = ("taskoffload_detached", "Detached calls no connection holds, kept for a resume.")
+RESUMED: Final = ("taskoffload_resumed", "Resumes that found their detached call.")
+EXPIRED: Final = ("taskoffload_detached_expired", "Detached calls forgotten unresumed.")
+
+
+def detached_families(detached: Mapping[str, Any]) -> Iterator[Metric]:
+    """The detached calls' gauge and counters, from ``/status``'s ``gateway.detached``."""
+    yield GaugeMetricFamily(*DETACHED, value=detached.get("held", 0))
+    yield CounterMetricFamily(*RESUMED, value=detached.get("resumed", 0))
+    yield CounterMetricFamily(*EXPIRED, value=detached.get("expired", 0))
+
+
+#: The poison quarantine's metrics: name, help (made alike in both kinds of metrics).
+QUARANTINED: Final = (
+    "taskoffload_poison_quarantined",
+    "Calls (function and arguments) quarantined now: they killed two workers lately.",
+)
+POISONED: Final = ("taskoffload_poisoned", "Calls answered poisoned, never sent to a worker.")
+POISON_KILLS: Final = (
+    "taskoffload_poison_kills",
+    "Worker deaths counted against the calls in flight to them (one per call and death).",
+)
+
+
+def poison_families(poison: Mapping[str, Any]) -> Iterator[Metric]:
+    """The quarantine's gauge and counters, from ``/status``'s ``gateway.poison``."""
+    yield GaugeMetricFamily(*QUARANTINED, value=poison.get("quarantined", 0))
+    yield CounterMetricFamily(*POISONED, value=poison.get("refused", 0))
+    yield CounterMetricFamily(*POISON_KILLS, value=poison.get("kills", 0))
 
 
 def pool_families(pool: Mapping[str, Any]) -> Iterator[Metric]:

@@ -15,6 +15,7 @@ import functools
 import signal
 from typing import Any
 
+import attrs
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
@@ -22,6 +23,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
 from taskoffload.config import PoolConfig
+from taskoffload.deaths import JOURNAL_ENV, Deaths
 from taskoffload.event_router import EventRouter, log_raw_output
 from taskoffload.forkserver_client import ForkServerClient, ForkServerProtocol
 from taskoffload.interfaces import IProcessControl
@@ -60,6 +62,8 @@ class WorkerPoolService(Service):
         self._all_serving: list[Deferred[float]] = []
         self._all_exited: list[Deferred[None]] = []
         self.serving_after: float | None = None
+        #: Why its workers died: the journal its workers answer clients from.
+        self.deaths = Deaths()
 
     @property
     def reactor(self) -> Any:
@@ -124,6 +128,8 @@ class WorkerPoolService(Service):
         self._launched_at = self.reactor.seconds()
         self._listen()
         self._sockets.log_listening(self.config)
+        env = {**self.config.env, JOURNAL_ENV: self.deaths.start()}
+        self.config = attrs.evolve(self.config, env=env)
         self.workers = self._new_slots()
         # The configuration as bound: where each lane listens, for the workers to tell.
         self._fork_servers.start(*self._sockets.fds(), config=self.config)
@@ -169,6 +175,7 @@ class WorkerPoolService(Service):
                 _log.warn("Workers still running after the stop timeout; killing them")
                 self._signal_workers(signal.SIGKILL)
         await self._fork_servers.close()
+        self.deaths.stop()
         await self._sockets.close()
         _log.info("Worker pool stopped")
 
@@ -239,6 +246,9 @@ class WorkerPoolService(Service):
 
     def worker_exited(self, slot: WorkerSlot, code: int | None) -> None:
         """``slot``'s process exited: replace it, unless the pool is stopping."""
+        if not self._stopping and not slot.retiring and slot.pid is not None:
+            # Unplanned: why, for its clients (read before the slot forgets its memory).
+            self.deaths.died(slot.index, slot.pid, code, slot.rss_mib)
         slot.exited(code, restart=not self._stopping)
         if self._stopping:
             self._fire_all_exited()

@@ -17,11 +17,13 @@ from taskoffload.defaults import (
     DEFAULT_POOL,
     DEFAULT_POOL_LISTEN,
     IDLE_TIMEOUT,
+    MAX_DETACH,
     STOP_TIMEOUT,
 )
 from taskoffload.lanes import Lane
 from taskoffload.option_values import _module_exists as _module_exists
 from taskoffload.option_values import (
+    _non_negative_float,
     _non_negative_int,
     _positive_float,
     _positive_int,
@@ -48,6 +50,7 @@ ROLES = ("worker", "gateway", "all")
 
 
 _positive_int.coerceDoc = "A whole number, at least 1."  # type: ignore[attr-defined]  # read by usage.Options
+_non_negative_float.coerceDoc = "Seconds, 0 or more."  # type: ignore[attr-defined]  # read by usage.Options
 _positive_float.coerceDoc = "Seconds, above 0."  # type: ignore[attr-defined]  # read by usage.Options
 _whole_seconds.coerceDoc = "Whole seconds, at least 1."  # type: ignore[attr-defined]  # read by usage.Options
 
@@ -148,6 +151,29 @@ OPT_PARAMETERS: list[list[Any]] = [
         100_000,
         "Gateway: requests all clients together may have in flight.",
         _positive_int,
+    ],
+    [
+        "max-detach",
+        None,
+        MAX_DETACH,
+        "Gateway: the most seconds a request may ask to outlive its WebSocket "
+        '(its "detach"), waiting for a resume.',
+        _positive_float,
+    ],
+    [
+        "poison-window",
+        None,
+        60.0,
+        "Gateway: seconds within which a call (function and arguments) that killed "
+        "two workers is quarantined; 0: never (docs/reliability.rst).",
+        _non_negative_float,
+    ],
+    [
+        "poison-cooldown",
+        None,
+        300.0,
+        "Gateway: seconds a quarantined call is answered poisoned instead of sent.",
+        _non_negative_float,
     ],
     [
         "gateway-processes",
@@ -341,6 +367,7 @@ class Options(usage.Options):
             max_inflight_per_client=self["max-inflight-per-client"],
             max_pending=self["max-pending"],
             max_message=self["max-message"],
+            max_detach=self["max-detach"],
         )
 
     def gateway_access(self) -> GatewayAccess:
@@ -415,6 +442,7 @@ def makeService(options: Options) -> IService:
         access=options.gateway_access(),
         secret=options["secret"],
         prefetch=options["prefetch"],
+        poison=(options["poison-window"], options["poison-cooldown"]),
         outbox=outbox,
     ).setServiceParent(top)
     return top
@@ -460,6 +488,7 @@ def gateway_processes(options: Options, pool: WorkerPoolService | None) -> IServ
                 "max_inflight_per_client": limits.max_inflight_per_client,
                 "max_pending": limits.max_pending,
                 "max_message": limits.max_message,
+                "max_detach": limits.max_detach,
             },
             auto_ping=options["auto-ping"],
             stop_timeout=options["stop-timeout"],
@@ -467,6 +496,7 @@ def gateway_processes(options: Options, pool: WorkerPoolService | None) -> IServ
             allowed_origins=options["allowed-origin"],
             secret=options["secret"],
             prefetch=options["prefetch"],
+            poison=(options["poison-window"], options["poison-cooldown"]),
         )
 
     return GatewayProcesses(

@@ -49,6 +49,7 @@ from taskoffload.client import (
     timeout_error,
 )
 from taskoffload.lanes import DEFAULT_LANE
+from taskoffload.lost import LostAnswer
 from taskoffload.registry import TaskRegistry
 from taskoffload.running import TaskRunner
 
@@ -59,7 +60,9 @@ _log = Logger(namespace="taskoffload.testing")
 
 def _through_wire(reply: wire.Reply) -> wire.Reply:
     """``reply`` as the client reads it: encoded as a worker writes it, then decoded."""
-    return wire.decode_reply(wire.encode_reply(reply)[:-1])
+    decoded = wire.decode_reply(wire.encode_reply(reply)[:-1])
+    assert not isinstance(decoded, LostAnswer)  # never what a reply to a call encodes
+    return decoded
 
 
 class FakeCall:

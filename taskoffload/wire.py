@@ -19,6 +19,7 @@ from typing import Any, Final, TypeAlias
 import attrs
 import orjson
 
+from taskoffload import lost
 from taskoffload.catalogue import read_catalogue
 from taskoffload.codes import (
     BAD_ARGUMENTS,
@@ -35,6 +36,7 @@ from taskoffload.codes import (
     WORKER_LOST,
     WRONG_LANE,
 )
+from taskoffload.extensions import EXTENSION_FIELDS, Resume, read_extensions, read_resume
 from taskoffload.lanes import DEFAULT_LANE, LaneInfo, read_ack_lanes
 
 __all__ = [
@@ -64,6 +66,7 @@ __all__ = [
     "Request",
     "RequestId",
     "Result",
+    "Resume",
     "Session",
     "SessionAck",
     "auth_digest",
@@ -86,7 +89,7 @@ DEFAULT_MAX_MESSAGE: Final = 1024 * 1024
 #: A caller's request id: any JSON string or number, or ``None`` when absent.
 RequestId: TypeAlias = str | int | float | None
 
-_REQUEST_KEYS: Final = frozenset({"id", "function", "args", "kwargs", "timeout", "batch"})
+_REQUEST_KEYS: Final = frozenset({"id", "function", "args", "kwargs", "timeout"}) | EXTENSION_FIELDS
 
 
 class BadMessage(Exception):
@@ -129,6 +132,10 @@ class Request:
     kwargs: dict[str, Any] = attrs.field(factory=dict)
     timeout: float | None = None
     batch: tuple[Any, ...] | None = None
+    #: The gateway's single flight: join the running call of ``function`` with this key.
+    key: str | None = None
+    #: The gateway's detach: seconds the call outlives its WebSocket, or ``None``.
+    detach: float | None = None
 
 
 @attrs.frozen
@@ -189,7 +196,7 @@ def encode_auth(auth: Auth) -> bytes:
     return dumps({"auth": auth.digest}) + b"\n"
 
 
-Message: TypeAlias = Request | Cancel | Session | Auth
+Message: TypeAlias = Request | Cancel | Session | Auth | Resume | lost.LostQuery
 
 
 @attrs.frozen
@@ -207,12 +214,14 @@ class ErrorReply:
 
     :ivar code: one of :data:`ERROR_CODES`.
     :ivar type: the exception class name for ``task_failed``, else ``None``.
+    :ivar cause: for ``worker_lost``, why the worker died (:mod:`taskoffload.lost`).
     """
 
     id: RequestId
     code: str
     message: str
     type: str | None = None
+    cause: dict[str, Any] | None = None
 
 
 @attrs.frozen
@@ -327,6 +336,10 @@ def decode_message(data: bytes) -> Message:
         if len(obj) != 1 or not _is_id(target) or target is None:
             raise BadMessage('a cancel is {"cancel": ID} with a string or number ID')
         return Cancel(id=target)
+    if "lost" in obj and (query := lost.read_lost_query(obj)) is not None:
+        return query
+    if "resume" in obj:
+        return _extension(read_resume, obj, None)
     if not _is_id(raw_id):
         raise BadMessage("id must be a JSON string or number")
     function = obj.get("function")
@@ -360,19 +373,21 @@ def decode_message(data: bytes) -> Message:
         isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0
     ):
         raise BadMessage('"timeout" must be a positive number of seconds', request_id)
-    batch = obj.get("batch")
-    if batch is not None:
-        if not isinstance(batch, list):
-            raise BadMessage('"batch" must be a list of argument objects or lists', request_id)
-        batch = tuple(batch)
     return Request(
         id=request_id,
         function=function,
         args=args,
         kwargs=kwargs,
         timeout=float(timeout) if timeout is not None else None,
-        batch=batch,
+        **_extension(read_extensions, obj, request_id),
     )
+
+
+def _extension(read: Any, obj: dict[str, Any], request_id: RequestId) -> Any:
+    try:
+        return read(obj)
+    except ValueError as e:
+        raise BadMessage(str(e), request_id) from None
 
 
 def _json_type(value: Any) -> str:
@@ -475,6 +490,8 @@ def encode_reply(reply: Reply) -> bytes:
     error: dict[str, Any] = {"code": reply.code, "message": reply.message}
     if reply.type is not None:
         error["type"] = reply.type
+    if reply.cause is not None:
+        error["cause"] = reply.cause
     return dumps({"id": reply.id, "error": error}) + b"\n"
 
 
@@ -482,7 +499,7 @@ def _is_positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
-def decode_reply(data: bytes) -> Reply:
+def decode_reply(data: bytes) -> Reply | lost.LostAnswer:
     """
     Decode one reply line (without its delimiter), as a client reads it.
 
@@ -509,6 +526,8 @@ def decode_reply(data: bytes) -> Reply:
             return Goodbye(reason=obj["goodbye"])
         if isinstance(obj.get("challenge"), str):
             return Challenge(nonce=obj["challenge"])
+        if "lost" in obj and (answer := lost.read_lost_answer(obj)) is not None:
+            return answer
     if not isinstance(obj, dict) or "id" not in obj or not _is_id(obj["id"]):
         raise BadMessage("a reply must be an object with an id")
     request_id = obj["id"]
@@ -519,11 +538,12 @@ def decode_reply(data: bytes) -> Reply:
     error = obj.get("error")
     if isinstance(error, dict) and isinstance(error.get("code"), str):
         message = error.get("message")
-        kind = error.get("type")
+        kind, cause = error.get("type"), error.get("cause")
         return ErrorReply(
             id=request_id,
             code=error["code"],
             message=message if isinstance(message, str) else "",
             type=kind if isinstance(kind, str) else None,
+            cause=cause if isinstance(cause, dict) else None,
         )
     raise BadMessage("a reply holds one of result, error or progress", request_id)

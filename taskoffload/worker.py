@@ -30,6 +30,8 @@ from taskoffload import wire
 from taskoffload._transport import write_now
 from taskoffload.acceptor import SharedSocketAcceptor
 from taskoffload.catalogue import catalogue
+from taskoffload.extensions import gateway_only
+from taskoffload.lost import LostQuery, worker_answer
 from taskoffload.registry import TaskRegistry
 from taskoffload.running import DeadlineExceeded, ISyncDeadlines, TaskRunner, final_reply
 from taskoffload.settings import WorkerSettings, WorkerSettingsFields
@@ -173,6 +175,10 @@ class TaskServerProtocol(LineReceiver):
         if isinstance(message, wire.Cancel):
             self._cancel(message.id)
             return
+        if isinstance(message, LostQuery):
+            self._release()  # it brings no task: hold no slot for one
+            self._send(worker_answer(message.pid))
+            return
         if isinstance(message, wire.Session):
             self._reject_when_busy = message.reject_when_busy
             self._send(self.factory.session_ack)
@@ -198,13 +204,13 @@ class TaskServerProtocol(LineReceiver):
                 )
             )
             return
-        if message.batch is not None:
+        if isinstance(message, wire.Resume) or gateway_only(message) is not None:
             self._send(
                 wire.encode_reply(
                     wire.ErrorReply(
                         id=message.id,
                         code=wire.BAD_REQUEST,
-                        message="batches are served by the gateway, not by a worker",
+                        message=f"{gateway_only(message)} are served by the gateway, not by a worker",
                     )
                 )
             )

@@ -95,6 +95,8 @@ class Pool:
 
     def __init__(self, addresses: Sequence[str] = (ADDRESS,), **options: Any) -> None:
         self.reactor = MemoryReactorClock()
+        # Losses fail at once here; tests/test_lost_inquiry.py asks why.
+        options.setdefault("ask_why_lost", False)
         self.client = TaskClient(self.reactor, list(addresses), **options)
 
     @property

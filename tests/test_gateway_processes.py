@@ -202,6 +202,12 @@ class MergedCounts:
         histogram = HistogramMetricFamily("taskoffload_request_seconds", "seconds")
         histogram.add_metric([], self.buckets, sum_value=1.0)
         yield histogram
+        yield GaugeMetricFamily("taskoffload_detached", "held", value=2)
+        yield CounterMetricFamily("taskoffload_resumed", "resumed", value=3)
+        yield CounterMetricFamily("taskoffload_detached_expired", "expired", value=1)
+        yield GaugeMetricFamily("taskoffload_poison_quarantined", "quarantined", value=1)
+        yield CounterMetricFamily("taskoffload_poisoned", "refused", value=4)
+        yield CounterMetricFamily("taskoffload_poison_kills", "kills", value=5)
 
 
 def test_shared_gateway_status_sums_every_sample() -> None:
@@ -231,6 +237,8 @@ def test_shared_gateway_status_sums_every_sample() -> None:
         "by_outcome": {"ok": 8, "overloaded": 2, "timeout": 1},
         "latency_from": "histogram",
         "latency": {"p50": 10.0, "p90": 1000.0, "p99": 1000.0, "max": 1000.0},
+        "detached": {"held": 2, "resumed": 3, "expired": 1},
+        "poison": {"quarantined": 1, "refused": 4, "kills": 5},
     }
 
 

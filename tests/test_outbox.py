@@ -30,6 +30,7 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from taskoffload import tap
 from taskoffload.access import GatewayAccess
+from taskoffload.deaths import JOURNAL_ENV
 from taskoffload.gateway import GatewayFactory
 from taskoffload.outbox import (
     MAX_HEAD,
@@ -347,6 +348,7 @@ def test_the_outbox_is_bound_first_and_the_workers_told() -> None:
             "OTHER": "1",
             "TASKOFFLOAD_SMTP_HOST": "127.0.0.1",
             "TASKOFFLOAD_SMTP_PORT": str(port),
+            JOURNAL_ENV: pool.deaths.journal.directory,  # type: ignore[union-attr]  # started
         }
     finally:
         stop(pool, reactor)
@@ -426,6 +428,7 @@ def test_role_all_by_default_mails_to_the_outbox() -> None:
         assert sent.env == {
             "TASKOFFLOAD_SMTP_HOST": "127.0.0.1",
             "TASKOFFLOAD_SMTP_PORT": str(pool.smtp_port.getHost().port),
+            JOURNAL_ENV: pool.deaths.journal.directory,  # type: ignore[union-attr]  # started
         }
     finally:
         stop(pool, reactor)

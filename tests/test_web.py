@@ -148,6 +148,8 @@ def test_status_document() -> None:
             "by_function": {"echo": 1},
             "by_outcome": {"ok": 1},
             "latency": {"p50_ms": 2.0, "p90_ms": 2.0, "p99_ms": 2.0, "max_ms": 2.0},
+            "detached": {"held": 0, "resumed": 0, "expired": 0},
+            "poison": {"quarantined": 0, "refused": 0, "kills": 0},
         },
         "pool": {"addresses": ["tcp:127.0.0.1:12345"]},
     }
