@@ -282,6 +282,17 @@ class TaskClient:
         known = self._lanes.catalogue
         return list(known) if known is not None else None
 
+    def describe(self, timeout: float = 5.0) -> Deferred[list[dict[str, Any]] | None]:
+        """
+        :return: a Deferred that fires with :meth:`catalogue`: at once if a
+            worker has described the pool's tasks, else once one does (a
+            connection is opened for it, and closed again if no call needs it),
+            or with ``None`` after ``timeout`` seconds.
+        """
+        d = self._lanes.described()
+        d.addTimeout(timeout, self._reactor, onTimeoutCancel=lambda _, __: None)
+        return d.addCallback(lambda _: self.catalogue())
+
     # Lifecycle
 
     def close(self) -> Deferred[None]:

@@ -74,6 +74,12 @@ class ITaskPool(Interface):
             sorted by name; ``None`` while the pool has not said.
         """
 
+    def describe(timeout: float = 5.0) -> Deferred[list[dict[str, Any]] | None]:
+        """
+        :return: a Deferred that fires with :meth:`catalogue` once the pool has
+            said (asking it if need be), or with ``None`` after ``timeout`` seconds.
+        """
+
     def close() -> Deferred[None]:
         """
         Stop: calls waiting or in flight fail with :class:`TaskError`

@@ -66,6 +66,7 @@ class LaneRouter:
         self.routes: dict[str, str] = {}
         #: The pool's tasks described, as a worker last said (``None`` until one has).
         self.catalogue: tuple[dict[str, Any], ...] | None = None
+        self._describing: list[Deferred[None]] = []
         self._senders: dict[str, Sender] = {}
         self._targets: dict[str, Targets] = {}
         #: Lanes whose addresses were given, not learnt.
@@ -93,6 +94,18 @@ class LaneRouter:
     def closed(self) -> bool:
         """Whether :meth:`close` was called."""
         return self._senders[DEFAULT_LANE].closed
+
+    def described(self) -> Deferred[None]:
+        """
+        :return: a Deferred that fires once a worker has described the pool's
+            tasks (at once if one has), a connection opened for it if need be.
+        """
+        if self.catalogue is not None:
+            return defer.succeed(None)
+        d: Deferred[None] = Deferred(lambda d: self._describing.remove(d))
+        self._describing.append(d)
+        self._senders[DEFAULT_LANE].probe()
+        return d
 
     def lane_of(self, function: str) -> str:
         """:return: the lane ``function`` runs on, as the pool last said."""
@@ -135,6 +148,9 @@ class LaneRouter:
         changed = ack.routes != self.routes
         if ack.tasks is not None:
             self.catalogue = ack.tasks
+            waiting, self._describing = self._describing, []
+            for d in waiting:
+                d.callback(None)
         self._learn_addresses(target, ack)
         if changed:
             self.routes = dict(ack.routes)

@@ -115,6 +115,18 @@ class Sender:
             self._line.append(call)
             self.dispatch()
 
+    def probe(self) -> None:
+        """
+        Open one connection, if none is open or opening, only to hear a worker's
+        acknowledgement (which describes the pool); with no call for it, it is
+        closed once accepted.
+        """
+        if self.closed or len(self._connections):
+            return
+        target = self._targets.choose()
+        if target is not None:
+            self._open(target)
+
     def take_where(self, predicate: Callable[[Call], bool]) -> list[Call]:
         """Take the waiting calls ``predicate`` holds true of out of the line (see WaitingLine)."""
         return self._line.take_where(predicate)

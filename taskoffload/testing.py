@@ -416,3 +416,7 @@ class FakeTaskPool:
     def catalogue(self) -> list[dict[str, Any]] | None:
         """:return: ``tasks`` described as a worker describes them; ``None`` without ``tasks``."""
         return list(self._catalogue) if self._catalogue is not None else None
+
+    def describe(self, timeout: float = 5.0) -> Deferred[list[dict[str, Any]] | None]:
+        """:return: a Deferred that has fired with :meth:`catalogue`."""
+        return defer.succeed(self.catalogue())

@@ -14,7 +14,7 @@ import orjson
 from autobahn.twisted.resource import WebSocketResource
 from twisted.web.pages import notFound
 from twisted.web.resource import IResource, Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from taskoffload.access import GatewayAccess
 from taskoffload.gateway import GatewayFactory
@@ -27,7 +27,10 @@ if TYPE_CHECKING:
 
 # GatewayMetrics lives in taskoffload.stats, access_log_line in taskoffload.readouts;
 # both are re-exported here.
-__all__ = ["GatewayMetrics", "access_log_line", "make_site"]
+__all__ = ["DESCRIBE_TIMEOUT", "GatewayMetrics", "access_log_line", "make_site"]
+
+#: Seconds ``/tasks`` waits for the pool to describe its tasks before a 503.
+DESCRIBE_TIMEOUT = 5.0
 
 
 class _Page(Resource):
@@ -44,7 +47,11 @@ class _Page(Resource):
 
 
 class _Tasks(Resource):
-    """``/tasks``: the pool's tasks as its workers describe them; 503 until one has."""
+    """
+    ``/tasks``: the pool's tasks as its workers describe them.  Before any
+    worker has, the pool is asked, and the answer waits for it up to
+    :data:`DESCRIBE_TIMEOUT` seconds; then a 503.
+    """
 
     isLeaf = True
 
@@ -52,14 +59,32 @@ class _Tasks(Resource):
         super().__init__()
         self._pool = pool
 
-    def render_GET(self, request: Request) -> bytes:
+    def render_GET(self, request: Request) -> bytes | int:
         request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"cache-control", b"no-cache")
         described = self._pool.catalogue()
-        if described is None:
+        if described is not None:
+            return self._body(request, described)
+        asked = self._pool.describe(DESCRIBE_TIMEOUT)
+        gone = request.notifyFinish()
+        gone.addErrback(lambda _: asked.cancel())  # the client went away first
+
+        def answer(tasks: list[dict[str, Any]] | None) -> None:
+            if not request.finished:
+                request.write(self._body(request, tasks))
+                request.finish()
+
+        asked.addCallback(answer).addErrback(lambda _: None)
+        return NOT_DONE_YET
+
+    @staticmethod
+    def _body(request: Request, tasks: list[dict[str, Any]] | None) -> bytes:
+        if tasks is None:
             request.setResponseCode(503)
-            return orjson.dumps({"error": "no worker of the pool has answered yet"})
-        return orjson.dumps({"tasks": described}, option=orjson.OPT_INDENT_2)
+            return orjson.dumps(
+                {"error": f"no worker of the pool answered within {DESCRIBE_TIMEOUT:g} s"}
+            )
+        return orjson.dumps({"tasks": tasks}, option=orjson.OPT_INDENT_2)
 
 
 class _Root(Resource):

@@ -12,17 +12,20 @@ from typing import Any
 import orjson
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.web.server import NOT_DONE_YET
+from twisted.web.test.requesthelper import DummyRequest
 
 from taskoffload import wire
 from taskoffload.catalogue import MAX_TASKS, MAX_TEXT, catalogue, describe, read_catalogue
 from taskoffload.client import TaskClient
 from taskoffload.examples import send_mail
 from taskoffload.gateway import GatewayFactory
+from taskoffload.interfaces import ITaskPool
 from taskoffload.registry import TaskRegistry, task
 from taskoffload.testing import FakeTaskPool
-from taskoffload.web import GatewayMetrics, make_site
+from taskoffload.web import DESCRIBE_TIMEOUT, GatewayMetrics, make_site
 from tests._trial_bridge import pytest_module
-from tests.test_web import get
+from tests.test_web import get, resource_at
 
 
 def described(*functions: Any) -> list[dict[str, Any]]:
@@ -158,7 +161,7 @@ def test_task_client_keeps_the_latest_catalogue() -> None:
     assert client.catalogue() == list(tasks)
 
 
-def _site(pool: FakeTaskPool) -> Any:
+def _site(pool: ITaskPool) -> Any:
     document: dict[str, Any] = {"gateway": {}}
     return make_site(GatewayFactory(pool), lambda: document, GatewayMetrics(lambda: document))
 
@@ -172,11 +175,52 @@ def test_tasks_resource_serves_the_pools_catalogue() -> None:
     assert request.responseHeaders.getRawHeaders(b"cache-control") == [b"no-cache"]
 
 
-def test_tasks_resource_before_the_pool_has_said() -> None:
-    """Until a worker has described the tasks, GET /tasks is a 503 that says why."""
-    request, body = get(_site(FakeTaskPool()), b"/tasks")
-    assert request.responseCode == 503
-    assert orjson.loads(body) == {"error": "no worker of the pool has answered yet"}
+def _ask_tasks(client: TaskClient) -> DummyRequest:
+    """GET /tasks of a gateway on ``client``: the request, its answer still to come."""
+    request, resource = resource_at(_site(client), b"/tasks")
+    assert resource.render(request) is NOT_DONE_YET
+    return request
+
+
+def test_tasks_resource_asks_the_pool_before_any_call() -> None:
+    """Before any call, GET /tasks opens a connection to the pool and answers with what
+    its worker describes; that connection, with no call for it, is closed."""
+    reactor = MemoryReactorClock()
+    client = TaskClient(reactor, ["tcp:127.0.0.1:9"])
+    request = _ask_tasks(client)
+    [(host, port, factory, *_)] = reactor.tcpClients
+    assert not request.written
+    protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    tasks = tuple(described(send_mail))
+    protocol.dataReceived(wire.encode_session_ack(wire.SessionAck(worker=1, tasks=tasks)))
+    assert request.finished and request.responseCode in (None, 200)
+    assert orjson.loads(b"".join(request.written)) == {"tasks": list(tasks)}
+    assert transport.disconnecting  # nothing to send on it: not held open
+    # Known now: the next request is answered at once, with no new connection.
+    assert orjson.loads(get(_site(client), b"/tasks")[1]) == {"tasks": list(tasks)}
+    assert len(reactor.tcpClients) == 1
+
+
+def test_tasks_resource_when_the_pool_does_not_answer() -> None:
+    """A pool that does not describe its tasks within DESCRIBE_TIMEOUT: a 503 that says so."""
+    reactor = MemoryReactorClock()
+    request = _ask_tasks(TaskClient(reactor, ["tcp:127.0.0.1:9"]))
+    reactor.advance(DESCRIBE_TIMEOUT - 0.1)
+    assert not request.finished
+    reactor.advance(0.2)
+    assert request.finished and request.responseCode == 503
+    assert orjson.loads(b"".join(request.written)) == {
+        "error": f"no worker of the pool answered within {DESCRIBE_TIMEOUT:g} s"
+    }
+
+
+def test_tasks_resource_of_a_pool_with_no_catalogue() -> None:
+    """A pool with nothing to describe (a FakeTaskPool without tasks) answers 503 at once."""
+    request, resource = resource_at(_site(FakeTaskPool()), b"/tasks")
+    assert resource.render(request) is NOT_DONE_YET
+    assert request.finished and request.responseCode == 503
 
 
 # trial finds no TestCase here: it runs this module through pytest instead.

@@ -23,7 +23,6 @@ from typing import Any
 
 import psutil
 from playwright.sync_api import BrowserContext, Locator, Page, Route, expect, sync_playwright
-from websockets.sync.client import connect
 
 from tests.integration.support import IntegrationTestCase, wait_for
 
@@ -145,27 +144,14 @@ def _get_json(url: str) -> tuple[int, Any]:
         return refused.code, json.loads(refused.read() or b"null")
 
 
-def _described(port: int) -> tuple[list[dict[str, Any]], int]:
+def _described(port: int) -> list[dict[str, Any]]:
     """
-    The gateway's ``GET /tasks``. Its client learns the tasks from the first worker
-    that accepts a connection, which the gateway's first call opens: until then
-    ``/tasks`` is a 503, so one ``noop`` call is made first if need be.
-
-    :return: the tasks described, and the calls made for them (0 or 1).
+    The gateway's ``GET /tasks``, asked before any call: the gateway asks the pool
+    for them then, and answers once a worker has described them.
     """
-    url = f"http://127.0.0.1:{port}/tasks"
-    code, document = _get_json(url)
-    calls = 0
-    if code == 503:
-        with connect(f"ws://127.0.0.1:{port}/ws", proxy=None, open_timeout=10) as ws:
-            ws.send(json.dumps({"id": "warm-up", "function": "noop"}))
-            assert json.loads(ws.recv(timeout=20)) == {"id": "warm-up", "result": None}
-        calls = 1
-        code, document = wait_for(
-            lambda: (answer := _get_json(url))[0] == 200 and answer, 10, what="/tasks to answer"
-        )
+    code, document = _get_json(f"http://127.0.0.1:{port}/tasks")
     assert code == 200, (code, document)
-    return document["tasks"], calls
+    return list(document["tasks"])
 
 
 #: What the page's charts show: each SVG chart's samples drawn (``data-points``) and
@@ -234,7 +220,7 @@ class PageBrowserTests(IntegrationTestCase):
         """A person picks ``sleep``, gives its seconds in the parameter form, submits 20
         and sees 20/20 done, the results, 4 serving workers and the gateway's figures."""
         _tree, port, _pool_port = self.role_all(4)
-        _tasks, warm_up = _described(port)
+        _described(port)
         errors: list[str] = []
         page = _open(self.use(browser(self.tmp_path)), port, errors)
 
@@ -277,13 +263,13 @@ class PageBrowserTests(IntegrationTestCase):
         def figure(key: str) -> Locator:
             return gateway.locator(f'[data-key="{key}"] .value')
 
-        expect(figure("requests")).to_have_text(str(20 + warm_up))
+        expect(figure("requests")).to_have_text("20")
         expect(figure("inflight")).to_have_text("0")
         expect(figure("pending")).to_have_text("0")
         expect(gateway.locator('[data-key="requests"] .label')).to_have_text("requests")
         expect(page.locator('#by-function [data-key="sleep"] b')).to_have_text("20")
-        expect(page.locator('#by-outcome [data-key="ok"] b')).to_have_text(str(20 + warm_up))
-        # The median of 20 sleeps of 0.2 s (and perhaps the warm-up's noop), with its unit.
+        expect(page.locator('#by-outcome [data-key="ok"] b')).to_have_text("20")
+        # The median of 20 sleeps of 0.2 s, with its unit.
         p50 = figure("p50").text_content() or ""
         assert _milliseconds(p50) >= 200, p50
         assert "{" not in (gateway.text_content() or ""), gateway.text_content()
@@ -300,7 +286,7 @@ class PageBrowserTests(IntegrationTestCase):
         and the charts drawn; 4 s after the page opened its DOM holds a chart and the
         outbox."""
         _tree, port, _pool_port = self.role_all(4)
-        tasks, _warm_up = _described(port)
+        tasks = _described(port)
         errors: list[str] = []
         page = _open(self.use(browser(self.tmp_path)), port, errors)
 
