@@ -370,6 +370,40 @@ class PageBrowserTests(IntegrationTestCase):
             print(f"screenshot kept: {kept}")
         assert errors == []
 
+    def test_page_picks_a_batch_up_after_a_reload(self):
+        """A batch sent from the page is detachable: reloading the page while it runs
+        shows it again and it goes on to 30/30 done, with all 30 results, under its
+        first id; once done, the tab forgets it."""
+        _tree, port, _pool_port = self.role_all(2)
+        errors: list[str] = []
+        page = _open(self.use(browser(self.tmp_path)), port, errors)
+        page.fill("#param-seconds", "0.2")
+        page.fill("#count", "30")
+        page.click("#run")
+        task = page.locator("#tasks .task").first
+        expect(task.locator(".status")).to_have_text(re.compile(r"^([1-9]|1[0-9])/30 done$"))
+        [(first_id, kept)] = page.evaluate(
+            "() => Object.entries(JSON.parse(sessionStorage.getItem('taskoffload.detached')))"
+        )
+        assert kept["token"] and kept["title"] == "sleep \u00d730", kept
+
+        page.reload()
+        expect(page.locator("#connection")).to_have_text("connected")
+        task = page.locator("#tasks .task").first
+        expect(task.locator("b")).to_have_text("sleep \u00d730")
+        expect(task.locator(".status")).to_have_text("30/30 done")
+        results = json.loads(task.locator("pre").text_content() or "null")
+        assert results == [{"result": 0.2}] * 30, results
+        # Every item ran once: the gateway counted 30 final replies, no second batch.
+        wait_for(
+            lambda: _get_json(f"http://127.0.0.1:{port}/status")[1]["gateway"]["requests"] == 30,
+            10,
+            what="/status to count the batch's 30 replies",
+        )
+        assert page.evaluate("() => sessionStorage.getItem('taskoffload.detached')") == "{}"
+        assert first_id.startswith("page-"), first_id
+        assert errors == []
+
     def test_page_falls_back_to_free_text_while_tasks_fail(self):
         """While ``/tasks`` fails the function is typed and still runs; once it answers
         (read with the page's token), the page offers the picker, keeping the name."""
