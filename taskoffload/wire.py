@@ -9,8 +9,6 @@ request's ``id`` so that the error reply reaches the right caller.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import reprlib
 from collections.abc import Mapping
@@ -21,6 +19,7 @@ import orjson
 
 from taskoffload import lost
 from taskoffload.catalogue import read_catalogue
+from taskoffload.challenge import Auth, Challenge, auth_digest, encode_auth, encode_challenge
 from taskoffload.codes import (
     BAD_ARGUMENTS,
     BAD_REQUEST,
@@ -162,38 +161,6 @@ class Session:
 
 #: Error ``type`` of the ``overloaded`` reply to a rejected request (see :class:`Session`).
 WORKER_BUSY: Final = "WorkerBusy"
-
-
-@attrs.frozen
-class Challenge:
-    """
-    Sent first by a worker that has a shared secret: the client must answer with
-    :class:`Auth` before anything else.
-    """
-
-    nonce: str
-
-
-@attrs.frozen
-class Auth:
-    """A client's answer to a :class:`Challenge`: HMAC-SHA256(secret, nonce), hex."""
-
-    digest: str
-
-
-def auth_digest(secret: bytes, nonce: str) -> str:
-    """The answer to a challenge with ``nonce`` under ``secret``."""
-    return hmac.new(secret, nonce.encode("ascii"), hashlib.sha256).hexdigest()
-
-
-def encode_challenge(challenge: Challenge) -> bytes:
-    """Encode a challenge as one line."""
-    return dumps({"challenge": challenge.nonce}) + b"\n"
-
-
-def encode_auth(auth: Auth) -> bytes:
-    """Encode an answer to a challenge as one line."""
-    return dumps({"auth": auth.digest}) + b"\n"
 
 
 Message: TypeAlias = Request | Cancel | Session | Auth | Resume | lost.LostQuery
