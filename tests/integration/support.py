@@ -272,6 +272,22 @@ class IntegrationTestCase(unittest.TestCase):
         tree.wait_for_log(f"All {count} workers serving")
         return tree, port
 
+    def gateway(self, *pools: str) -> tuple[Twistd, int]:
+        """Start a gateway (role gateway, a directory of its own) on a free port, with
+        ``--pool`` each of ``pools``; wait until it listens.
+
+        :return: the tree and its port.
+        """
+        port = free_port()
+        tree = self.twistd_tree(
+            "--role=gateway",
+            "--listen",
+            f"tcp:{port}:interface=127.0.0.1",
+            *(arg for pool in pools for arg in ("--pool", pool)),
+        )
+        tree.wait_for_log("Gateway listening on")
+        return tree, port
+
     def role_all(self, count: int = 2, *extra: str) -> tuple[Twistd, int, int]:
         """Start role all (gateway and pool in one tree) on free ports; wait until both serve.
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from websockets.sync.client import ClientConnection, connect
 
-from tests.integration.support import IntegrationTestCase, free_port, wait_for
+from tests.integration.support import IntegrationTestCase, wait_for
 
 _http = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: no proxy
 
@@ -147,15 +147,7 @@ class GatewayLifecycleTests(IntegrationTestCase):
         # before the gateway's refusal is seen: one CI run under trial saw it.)
         if role == "gateway":
             _, pool_port = self.pool(1)
-            port = free_port()
-            tree = self.twistd_tree(
-                "--role=gateway",
-                "--listen",
-                f"tcp:{port}:interface=127.0.0.1",
-                "--pool",
-                f"tcp:127.0.0.1:{pool_port}",
-            )
-            tree.wait_for_log("Gateway listening on")
+            tree, port = self.gateway(f"tcp:127.0.0.1:{pool_port}")
         else:
             tree, port, _ = self.role_all(1)
         ws = self.open_ws(port)

@@ -183,17 +183,9 @@ class LaneTests(IntegrationTestCase):
         )
         first_pids = self.serving_pids(first_status, 3)
         second_pids = self.serving_pids(second_status, 3)
-        gateway_port = free_port()
-        gateway = self.twistd_tree(
-            "--role=gateway",
-            "--listen",
-            f"tcp:{gateway_port}:interface=127.0.0.1",
-            "--pool",
-            f"tcp:127.0.0.1:{first_port}",
-            "--pool",
-            f"interactive=tcp:127.0.0.1:{lane_port}",
+        _gateway, gateway_port = self.gateway(
+            f"tcp:127.0.0.1:{first_port}", f"interactive=tcp:127.0.0.1:{lane_port}"
         )
-        gateway.wait_for_log("Gateway listening on")
 
         async def run() -> list[int]:
             async with connect(f"ws://127.0.0.1:{gateway_port}/ws") as ws:

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from taskoffload.client import TaskClient, TaskError
-from tests.integration.support import IntegrationTestCase, free_port, poll
+from tests.integration.support import IntegrationTestCase, poll
 from tests.integration.test_gateway_end_to_end import Client, eventually, http_get, run, status
 
 # Each task appends its worker's pid to the marker file first: what ran, and where.
@@ -132,15 +132,7 @@ class WorkerDeathTests(IntegrationTestCase):
         """A pool and a gateway apart: the gateway's worker_lost carries the cause too."""
         marker = self.deaths_tasks()
         _, pool_port = self.pool(2, "--tasks=death_tasks")
-        gateway_port = free_port()
-        gateway = self.twistd_tree(
-            "--role=gateway",
-            "--listen",
-            f"tcp:{gateway_port}:interface=127.0.0.1",
-            "--pool",
-            f"tcp:127.0.0.1:{pool_port}",
-        )
-        gateway.wait_for_log("Gateway listening on")
+        _gateway, gateway_port = self.gateway(f"tcp:127.0.0.1:{pool_port}")
 
         async def scenario() -> dict[str, Any]:
             client = await Client.open(gateway_port)
