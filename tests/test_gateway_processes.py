@@ -797,9 +797,10 @@ def test_the_pool_state_is_written_before_each_start_and_twice_a_second() -> Non
         later = read_pool_status(directory)
         assert later is not None and later["serving"] > first["serving"]
         assert POOL_STATUS_INTERVAL == 0.5
-        reactor.advance(2)  # lived: the new spare starts at once
+        for _ in range(4):  # 2 s, so the processes have lived: a spare replaces at once
+            reactor.advance(POOL_STATUS_INTERVAL)
         later = read_pool_status(directory)
-        assert later is not None
+        assert later == {"serving": 8}  # one write each half second
         reactor.spawned[0].end()
         after_replacing = read_pool_status(directory)
         assert after_replacing is not None and after_replacing["serving"] > later["serving"]
@@ -826,7 +827,7 @@ def test_a_dead_process_leaves_its_counters_but_not_its_live_gauges(
     counting its clients and requests in flight for ever."""
     with started(2) as (service, reactor):
         directory = service.directory
-        assert directory is not None
+        assert directory is not None and os.path.isdir(directory)  # the processes' counters
         processes = FakeProcesses(Path(directory))
         monkeypatch.setenv(MULTIPROCESS_DIRECTORY, directory)  # what the processes were given
         victim, survivor = (s.transport.pid for s in reactor.spawned[:2])  # not the spare

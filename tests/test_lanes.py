@@ -42,7 +42,7 @@ from taskoffload.running import TaskRunner
 from taskoffload.settings import WorkerSettings
 from taskoffload.supervisor import WorkerPoolService
 from taskoffload.targets import parse_lane_address
-from taskoffload.worker import TaskServerFactory
+from taskoffload.worker import TaskServerFactory, TaskServerProtocol
 from tests._trial_bridge import pytest_module
 from tests.fake_processes import FakeProcessControl, ProcessStringTransport
 from tests.socket_reactor import SocketReactor
@@ -526,7 +526,7 @@ def test_interactive_worker_acknowledges_its_lane_and_refuses_others() -> None:
     settings = WorkerSettings.from_config(lane_pool(), worker_id=42, index=2)
     factory = TaskServerFactory(tasks.registry, Clock(), settings)
     protocol = factory.buildProtocol(None)
-    assert protocol is not None
+    assert isinstance(protocol, TaskServerProtocol)  # the worker port's protocol
     transport = StringTransport()
     protocol.makeConnection(transport)
     protocol.dataReceived(b'{"session": {"reject_when_busy": true}}\n')
