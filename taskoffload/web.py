@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 from autobahn.twisted.resource import WebSocketResource
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.pages import notFound
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
@@ -28,6 +30,8 @@ if TYPE_CHECKING:
 # GatewayMetrics lives in taskoffload.stats, access_log_line in taskoffload.readouts;
 # both are re-exported here.
 __all__ = ["DESCRIBE_TIMEOUT", "GatewayMetrics", "access_log_line", "make_site"]
+
+_log = Logger(namespace="taskoffload.gateway")
 
 #: Seconds ``/tasks`` waits for the pool to describe its tasks before a 503.
 DESCRIBE_TIMEOUT = 5.0
@@ -66,15 +70,26 @@ class _Tasks(Resource):
         if described is not None:
             return self._body(request, described)
         asked = self._pool.describe(DESCRIBE_TIMEOUT)
-        gone = request.notifyFinish()
-        gone.addErrback(lambda _: asked.cancel())  # the client went away first
+        left: list[bool] = []
+
+        def client_left(reason: Failure) -> None:
+            left.append(True)
+            asked.cancel()
+
+        request.notifyFinish().addErrback(client_left)
 
         def answer(tasks: list[dict[str, Any]] | None) -> None:
-            if not request.finished:
+            if not left and not request.finished:
                 request.write(self._body(request, tasks))
                 request.finish()
 
-        asked.addCallback(answer).addErrback(lambda _: None)
+        def failed(reason: Failure) -> None:
+            # Whatever went wrong, a client still waiting gets its one answer.
+            if not left and not request.finished:
+                _log.failure("Describing the pool's tasks failed", reason)
+                answer(None)
+
+        asked.addCallback(answer).addErrback(failed)
         return NOT_DONE_YET
 
     @staticmethod

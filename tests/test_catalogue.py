@@ -10,8 +10,13 @@ import datetime
 from typing import Any
 
 import orjson
+from twisted.internet import defer
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import capturedLogs
+from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET
 from twisted.web.test.requesthelper import DummyRequest
 
@@ -221,6 +226,33 @@ def test_tasks_resource_of_a_pool_with_no_catalogue() -> None:
     request, resource = resource_at(_site(FakeTaskPool()), b"/tasks")
     assert resource.render(request) is NOT_DONE_YET
     assert request.finished and request.responseCode == 503
+
+
+class _FailingPool(FakeTaskPool):
+    """A pool whose describing fails: a bug somewhere below the site."""
+
+    def describe(self, timeout: float = 5.0) -> Deferred[list[dict[str, Any]] | None]:
+        return defer.fail(RuntimeError("describing broke"))
+
+
+def test_tasks_resource_answers_when_describing_fails() -> None:
+    """A failure below /tasks still gets the waiting client its one answer, a 503,
+    and is logged."""
+    request, resource = resource_at(_site(_FailingPool()), b"/tasks")
+    with capturedLogs() as logged:
+        assert resource.render(request) is NOT_DONE_YET
+    assert request.finished and request.responseCode == 503
+    [failure] = [e["log_failure"] for e in logged if "log_failure" in e]
+    assert failure.check(RuntimeError)
+
+
+def test_tasks_resource_writes_nothing_after_the_client_left() -> None:
+    """A client gone before the pool answered: the question is cancelled, nothing written."""
+    reactor = MemoryReactorClock()
+    request = _ask_tasks(TaskClient(reactor, ["tcp:127.0.0.1:9"]))
+    request.processingFailed(Failure(ConnectionDone()))
+    reactor.advance(DESCRIBE_TIMEOUT + 1)
+    assert request.written == []
 
 
 # trial finds no TestCase here: it runs this module through pytest instead.
