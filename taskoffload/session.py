@@ -75,8 +75,9 @@ class _Pending:
 class _Line:
     """
     The client's line at the pool (:mod:`taskoffload.fairshare`), closed once
-    the client has gone and no call it sent is left: a call shared by a key, or
-    a detached one, outlives its client.
+    the client has gone and no call that outlives it is left: a call shared by a
+    key, or a detached one.  The others are cancelled when the client goes, so
+    they are not counted (nor is anything added to their path).
     """
 
     def __init__(self, line: Any) -> None:
@@ -84,7 +85,9 @@ class _Line:
         self._calls = 0
         self._gone = False
 
-    def call(self, *call: Any) -> Deferred[Any]:
+    def call(self, outlives: bool, *call: Any) -> Deferred[Any]:
+        if not outlives:
+            return self._line.call(*call)  # type: ignore[no-any-return]  # the line is Any
         self._calls += 1
 
         def ended(outcome: Any) -> Any:
@@ -293,23 +296,25 @@ class GatewaySession:
 
     def _call(
         self,
-        function: str,
+        pending: _Pending,
+        request: wire.Request,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
-        timeout: float | None,
         on_progress: Callable[[Any], None] | None,
-        key: str | None = None,
     ) -> Deferred[Any]:
-        """Run one task, or join the run of its ``key``; the Deferred fires with its
-        result or a TaskError, never fails."""
+        """Run ``request``'s task on ``args`` and ``kwargs`` (one batch item's), or join
+        the run of its ``key``; the Deferred fires with its result or a TaskError,
+        never fails.  A keyed or detached call may go on after this client has gone."""
         started = self._clock.seconds()
+        function, timeout, key = request.function, request.timeout, request.key
         if key is None:
-            d = self._line.call(function, args, kwargs, timeout, on_progress)
+            outlives = pending.held is not None
+            d = self._line.call(outlives, function, args, kwargs, timeout, on_progress)
         else:
             d = self._flights.call(
                 function,
                 key,
-                lambda p: self._line.call(function, args, kwargs, timeout, p),
+                lambda p: self._line.call(True, function, args, kwargs, timeout, p),
                 on_progress,
             )
 
@@ -335,9 +340,7 @@ class GatewaySession:
         def progress(value: Any) -> None:
             self._progress(pending, value)
 
-        d = self._call(
-            request.function, request.args, request.kwargs, request.timeout, progress, request.key
-        )
+        d = self._call(pending, request, request.args, request.kwargs, progress)
         pending.deferreds.append(d)
 
         def reply(outcome: Any) -> None:
@@ -391,7 +394,7 @@ class GatewaySession:
                 self._stats.finished(request.function, wire.BAD_REQUEST, 0.0)
                 d.addCallback(item_done, index)
                 continue
-            d = self._call(request.function, args, kwargs, request.timeout, None)
+            d = self._call(pending, request, args, kwargs, None)
             pending.deferreds.append(d)
             d.addCallback(item_done, index).addErrback(
                 _log_failure, "Batch {id!r} item failed to report", request.id

@@ -199,6 +199,30 @@ def test_a_detached_batch_is_resumed_with_its_progress() -> None:
     ]
 
 
+def test_a_detached_batch_keeps_its_clients_share_after_the_client_goes() -> None:
+    """A detached batch whose client has gone still counts in that client's share of
+    the pool: another client gets half the pool while it runs, and the batch's
+    waiting item still reaches the pool for the resume."""
+    gateway = Gateway(FakeTaskPool(slots=2))
+    first = gateway.connect()
+    token = detached(first, "b", batch=[{}, {}, {}])
+    assert len(gateway.pool.calls) == 2  # the whole pool: one item waits in the line
+    first.close()
+    other = gateway.connect()
+    other.send({"id": 1, "function": "f"})
+    other.send({"id": 2, "function": "f"})
+    assert len(gateway.pool.calls) == 3  # half the pool for the other client
+    for index in (0, 1, 2):
+        gateway.pool.calls[index].succeed(index)
+    assert len(gateway.pool.calls) == 5  # the batch's last item, and the other's second
+    gateway.pool.calls[3].succeed(3)
+    second = gateway.connect()
+    second.send({"resume": token, "after": 2})
+    [resumed, result] = second.take()
+    assert resumed == {"id": "b", "resumed": token, "dropped": 0}
+    assert result["id"] == "b" and len(result["result"]) == 3
+
+
 def test_a_detached_call_counts_against_max_pending_until_delivered() -> None:
     """A detached call that has ended still counts against max-pending until
     its reply is delivered by a resume."""
