@@ -484,12 +484,7 @@ def gateway_processes(options: Options, pool: WorkerPoolService | None) -> IServ
             directory=directory,
             pool_in_parent=pool is not None,
             pool_addresses=addresses,
-            limits={
-                "max_inflight_per_client": limits.max_inflight_per_client,
-                "max_pending": limits.max_pending,
-                "max_message": limits.max_message,
-                "max_detach": limits.max_detach,
-            },
+            limits=dict(vars(limits)),  # GatewayLimits' own fields, made again by the child
             auto_ping=options["auto-ping"],
             stop_timeout=options["stop-timeout"],
             token=options["token"],
