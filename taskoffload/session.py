@@ -363,12 +363,7 @@ class GatewaySession:
 
         def item_done(outcome: Any, index: int) -> None:
             if isinstance(outcome, TaskError):
-                error: dict[str, Any] = {"code": outcome.code, "message": outcome.message}
-                if outcome.type is not None:
-                    error["type"] = outcome.type
-                if outcome.cause is not None:
-                    error["cause"] = outcome.cause
-                results[index] = {"error": error}
+                results[index] = {"error": wire.error_object(outcome.to_reply(None))}
                 counts["failed"] += 1
             else:
                 results[index] = {"result": outcome}

@@ -142,13 +142,16 @@ class FakeCall:
         if not self._given_up:
             self._deliver(wire.Result(id=self._request_id, result=value))
 
-    def fail(self, code: str, message: str, type: str | None = None) -> None:
+    def fail(
+        self, code: str, message: str, type: str | None = None, cause: dict[str, Any] | None = None
+    ) -> None:
         """
         Answer with :class:`~taskoffload.client.TaskError` ``(code, message, type)``.
         Ignored after a cancellation or a timeout.
 
         :param code: one of :data:`taskoffload.wire.ERROR_CODES`.
         :param type: the exception class name, for ``task_failed``.
+        :param cause: for ``worker_lost``, why the worker died.
         :raises ValueError: if ``code`` is not a documented error code.
         :raises twisted.internet.defer.AlreadyCalledError: if already answered
             otherwise.
@@ -157,7 +160,9 @@ class FakeCall:
             raise ValueError(f"{code!r} is not one of the wire format's error codes")
         if not self._given_up:
             self._deliver(
-                wire.ErrorReply(id=self._request_id, code=code, message=message, type=type)
+                wire.ErrorReply(
+                    id=self._request_id, code=code, message=message, type=type, cause=cause
+                )
             )
 
     def progress(self, value: Any) -> None:

@@ -80,6 +80,7 @@ __all__ = [
     "encode_request",
     "encode_session",
     "encode_session_ack",
+    "error_object",
 ]
 
 #: Default bound on one line or frame, in bytes: 1 MiB.
@@ -454,12 +455,17 @@ def encode_reply(reply: Reply) -> bytes:
         return encode_goodbye(reply)
     if isinstance(reply, Challenge):
         return encode_challenge(reply)
+    return dumps({"id": reply.id, "error": error_object(reply)}) + b"\n"
+
+
+def error_object(reply: ErrorReply) -> dict[str, Any]:
+    """:return: the ``error`` object of ``reply`` (of a batch item, too)."""
     error: dict[str, Any] = {"code": reply.code, "message": reply.message}
     if reply.type is not None:
         error["type"] = reply.type
     if reply.cause is not None:
         error["cause"] = reply.cause
-    return dumps({"id": reply.id, "error": error}) + b"\n"
+    return error
 
 
 def _is_positive_int(value: object) -> bool:

@@ -317,6 +317,23 @@ def test_batch_progress_and_result_in_item_order(gateway: Gateway) -> None:
     }
 
 
+def test_a_batch_item_lost_with_its_worker_says_why(gateway: Gateway) -> None:
+    """A batch item answered worker_lost keeps the cause in its place in the result,
+    as a single request's error does."""
+    peer = gateway.connect()
+    peer.send({"id": "b", "function": "f", "batch": [{}, {}]})
+    peer.send({"id": "s", "function": "f"})
+    cause = {"exit_status": 3, "rss_mib": 41.2}
+    first, second, single = gateway.pool.calls
+    first.fail(wire.WORKER_LOST, "worker 7 died: exit status 3", cause=cause)
+    second.succeed(2)
+    single.fail(wire.WORKER_LOST, "worker 7 died: exit status 3", cause=cause)
+    lost = {"code": "worker_lost", "message": "worker 7 died: exit status 3", "cause": cause}
+    replies = peer.take()
+    assert {"id": "b", "result": [{"error": lost}, {"result": 2}]} in replies
+    assert {"id": "s", "error": lost} in replies
+
+
 def test_batch_bad_item(gateway: Gateway) -> None:
     """A batch item neither object nor list gets bad_request in its place; the rest run."""
     peer = gateway.connect()
