@@ -111,10 +111,6 @@ class TaskClient:
         that killed two workers is quarantined; 0: never (:mod:`taskoffload.poison`).
     :param poison_cooldown: seconds a quarantined call is answered ``poisoned``
         at once instead of being sent.
-    :param ask_why_lost: when a connection is lost with calls in flight, ask
-        the pool why its worker ended (``{"lost": PID}``, up to 1 s) and fail
-        the calls with ``worker_lost`` carrying the ``cause``; ``False``: fail
-        them at once, without it (and count no kills for quarantine).
     :raises ValueError: for an unreadable address or an out-of-range number.
     """
 
@@ -134,7 +130,6 @@ class TaskClient:
         prefetch: int = 0,
         poison_window: float = DEFAULT_WINDOW,
         poison_cooldown: float = DEFAULT_COOLDOWN,
-        ask_why_lost: bool = True,
     ) -> None:
         if isinstance(addresses, str):
             raise ValueError("addresses is a sequence of address strings, not one string")
@@ -169,7 +164,6 @@ class TaskClient:
             secret=secret,
             prefetch=prefetch,
             poison=self.poison,
-            ask_why_lost=ask_why_lost,
         )
 
     # ITaskPool

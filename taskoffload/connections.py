@@ -119,6 +119,8 @@ class TaskClientProtocol(LineReceiver):
         self.worker: int | None = None
         #: How many tasks that worker runs at once, as it said.
         self.concurrency = 1
+        #: Its pool answers ``{"lost": PID}`` (its acknowledgement said so).
+        self.tells_deaths = False
         #: Fires with this protocol once accepted; fails if lost before.
         self.ready: Deferred[TaskClientProtocol] = Deferred(lambda d: self._abort())
         #: Told each answer to a question about a lost worker asked on it.
@@ -174,6 +176,7 @@ class TaskClientProtocol(LineReceiver):
                 self.accepted = True
                 self.worker = reply.worker
                 self.concurrency = reply.concurrency or 1
+                self.tells_deaths = reply.deaths
                 self.ready.callback(self)
             return
         if isinstance(reply, wire.Goodbye):

@@ -1,6 +1,7 @@
 """
 Asking a pool why a worker died (:class:`LostInquiries`): when a connection
-whose worker named its pid is lost with calls in flight, the calls that are to
+whose worker named its pid, and said its pool keeps a death journal
+(``"deaths": true`` in its acknowledgement), is lost with calls in flight, the calls that are to
 fail wait for the answer to ``{"lost": PID}`` (:mod:`taskoffload.lost`), asked
 of another worker of the same pool address, again every :data:`ASK_INTERVAL`
 while it says ``null``, for at most :data:`ASK_FOR` in all; then they fail with
@@ -199,7 +200,7 @@ class LostInquiries:
         says why its worker ended if it named itself.
         """
         target, pid = connection.target, connection.worker
-        if pid is None or self._connections.closed or not in_flight:
+        if pid is None or not connection.tells_deaths or self._connections.closed or not in_flight:
             _answer(failed, lost_error(target, why, pid, None))
             return
         key = (id(target), pid)

@@ -59,8 +59,6 @@ class Sender:
         pool has said since that its task runs on another lane, it moves the
         call to that lane's line and returns ``True``.
     :param poison: the client's poison table: what its lost calls killed.
-    :param ask_why_lost: ask the pool why a lost connection's worker ended
-        before failing its calls (:mod:`taskoffload.inquiry`), and count kills.
     """
 
     def __init__(
@@ -77,7 +75,6 @@ class Sender:
         prefetch: int,
         reroute: Callable[[Call], bool] | None = None,
         poison: PoisonTable | None = None,
-        ask_why_lost: bool = True,
     ) -> None:
         self._reactor = reactor
         self._reroute = reroute
@@ -94,8 +91,7 @@ class Sender:
         self._ingest = FairIngest(reactor, per_turn=REPLIES_PER_TURN)
         self._connections = ConnectionSet(reactor, idle_timeout, prefetch)
         self._inquiries = LostInquiries(reactor, self._connections, self._open_carrier, poison)
-        asking = self._inquiries if ask_why_lost else None
-        self._settler = Settler(self, self._line, self._connections, log, asking)
+        self._settler = Settler(self, self._line, self._connections, log, self._inquiries)
 
     @property
     def closed(self) -> bool:

@@ -227,6 +227,8 @@ class SessionAck:
     routes: Mapping[str, str] = attrs.field(factory=dict)
     #: The pool's tasks described (:mod:`taskoffload.catalogue`); ``None`` if not told.
     tasks: tuple[dict[str, Any], ...] | None = None
+    #: The pool keeps a death journal: ``{"lost": PID}`` gets why worker PID ended.
+    deaths: bool = False
 
 
 @attrs.frozen
@@ -411,6 +413,8 @@ def encode_session_ack(ack: SessionAck) -> bytes:
         session["routes"] = dict(ack.routes)
     if ack.tasks is not None:
         session["tasks"] = list(ack.tasks)
+    if ack.deaths:
+        session["deaths"] = True
     return dumps({"session": session}) + b"\n"
 
 
@@ -494,6 +498,7 @@ def decode_reply(data: bytes) -> Reply | lost.LostAnswer:
                 slots=slots if _is_positive_int(slots) else None,
                 concurrency=concurrency if _is_positive_int(concurrency) else None,
                 tasks=read_catalogue(obj["session"].get("tasks")),
+                deaths=obj["session"].get("deaths") is True,
             )
         if isinstance(obj.get("goodbye"), str):
             return Goodbye(reason=obj["goodbye"])

@@ -31,7 +31,7 @@ from taskoffload._transport import write_now
 from taskoffload.acceptor import SharedSocketAcceptor
 from taskoffload.catalogue import catalogue
 from taskoffload.extensions import gateway_only
-from taskoffload.lost import LostQuery, worker_answer
+from taskoffload.lost import JOURNAL_ENV, LostQuery, worker_answer
 from taskoffload.registry import TaskRegistry
 from taskoffload.running import DeadlineExceeded, ISyncDeadlines, TaskRunner, final_reply
 from taskoffload.settings import WorkerSettings, WorkerSettingsFields
@@ -407,6 +407,7 @@ class TaskServerFactory(Factory):
                 lanes=settings.lanes,
                 routes=registry.routes(),
                 tasks=tuple(catalogue(registry.tasks)),
+                deaths=JOURNAL_ENV in os.environ,
             )
         )
         self.clock = clock

@@ -95,8 +95,9 @@ class Pool:
 
     def __init__(self, addresses: Sequence[str] = (ADDRESS,), **options: Any) -> None:
         self.reactor = MemoryReactorClock()
-        # Losses fail at once here; tests/test_lost_inquiry.py asks why.
-        options.setdefault("ask_why_lost", False)
+        #: Whether the workers' acknowledgements say the pool tells why a worker
+        #: ended (tests/test_lost_inquiry.py); here they do not: losses fail at once.
+        self.deaths = False
         self.client = TaskClient(self.reactor, list(addresses), **options)
 
     @property
@@ -126,7 +127,11 @@ class Pool:
         protocol.makeConnection(transport)
         # The worker acknowledges the session line once it has accepted.
         ack = wire.SessionAck(
-            worker=worker, retry=tuple(retry), slots=slots, concurrency=concurrency
+            worker=worker,
+            retry=tuple(retry),
+            slots=slots,
+            concurrency=concurrency,
+            deaths=self.deaths,
         )
         protocol.dataReceived(wire.encode_session_ack(ack))
         return Worker(protocol, transport)

@@ -83,11 +83,28 @@ def test_task_server_answers_a_lost_query(tmp_path: Path, monkeypatch: pytest.Mo
     assert not server.factory.has_capacity  # held for the request to come
     connection.send({"lost": 77})
     connection.send({"lost": 78})
-    assert connection.replies()[1:] == [
+    ack, *answers = connection.replies()
+    assert ack["session"]["deaths"] is True  # it says it answers them
+    assert answers == [
         {"lost": 77, "cause": {"signal": "SIGKILL"}},
         {"lost": 78, "cause": None},
     ]
     assert server.factory.has_capacity
+
+
+def test_without_a_journal_the_ack_says_no_deaths(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker with no death journal named (one not under a supervisor) does not
+    say ``deaths``, so clients do not ask it; the ack decodes as saying so."""
+    monkeypatch.delenv(JOURNAL_ENV, raising=False)
+    server = Server()
+    connection = server.connect()
+    connection.send({"session": {"reject_when_busy": True}})
+    [ack] = connection.replies()
+    assert "deaths" not in ack["session"]
+    told = wire.decode_reply(orjson.dumps({"session": {"worker": 1, "deaths": True}}))
+    assert isinstance(told, wire.SessionAck) and told.deaths
+    line = wire.encode_session_ack(wire.SessionAck(worker=1, deaths=True))
+    assert orjson.loads(line)["session"]["deaths"] is True
 
 
 testSuite = pytest_module(__file__)

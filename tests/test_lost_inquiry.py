@@ -21,7 +21,11 @@ CAUSE = {"exit_status": 3, "rss_mib": 41.2}
 
 
 def asking_pool(**options: Any) -> Pool:
-    return Pool(ask_why_lost=True, **options)
+    """A client whose pool's workers say, in their acknowledgements, that it tells
+    why a worker ended."""
+    pool = Pool(**options)
+    pool.deaths = True
+    return pool
 
 
 def questions(worker: Worker) -> list[int]:
@@ -37,6 +41,15 @@ def lose(
     connection = pool.accept(worker=worker)
     connection.drop(ConnectionLost("gone"))
     return outcome, connection
+
+
+def test_a_pool_that_keeps_no_journal_is_not_asked() -> None:
+    """Workers whose acknowledgement does not say ``deaths`` (an older pool): the
+    lost call fails at once, and nothing asks why."""
+    pool = Pool()
+    outcome, _ = lose(pool, "die", 3)
+    assert outcome.error.code == wire.WORKER_LOST and outcome.error.cause is None
+    assert len(pool.reactor.tcpClients) == 1  # no connection opened to ask on
 
 
 def test_lost_call_waits_for_the_cause() -> None:
