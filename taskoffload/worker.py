@@ -204,16 +204,10 @@ class TaskServerProtocol(LineReceiver):
                 )
             )
             return
-        if isinstance(message, wire.Resume) or gateway_only(message) is not None:
-            self._send(
-                wire.encode_reply(
-                    wire.ErrorReply(
-                        id=message.id,
-                        code=wire.BAD_REQUEST,
-                        message=f"{gateway_only(message)} are served by the gateway, not by a worker",
-                    )
-                )
-            )
+        refused = gateway_only(message)  # says "resumes" for every resume
+        if refused is not None or isinstance(message, wire.Resume):
+            why = f"{refused} are served by the gateway, not by a worker"
+            self._send(wire.encode_reply(wire.ErrorReply(message.id, wire.BAD_REQUEST, why)))
             return
         self._queue.append(_Job(message))
         if self._reservation is not None:
