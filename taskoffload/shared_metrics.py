@@ -26,6 +26,8 @@ from taskoffload.stats import (
     DETACHED,
     EXPIRED,
     LATENCY_BUCKETS,
+    NO_DETACHED,
+    NO_POISON,
     PENDING_HELP,
     POISON_KILLS,
     POISONED,
@@ -182,8 +184,8 @@ def shared_gateway_status(registry: CollectorRegistry) -> dict[str, Any]:
         "by_function": {},
         "by_outcome": {},
         "latency_from": "histogram",
-        "detached": {"held": 0, "resumed": 0, "expired": 0},
-        "poison": {"quarantined": 0, "refused": 0, "kills": 0},
+        "detached": dict(NO_DETACHED),
+        "poison": dict(NO_POISON),
     }
     poison = {"taskoffload_poison_quarantined": "quarantined"}
     poison.update(taskoffload_poisoned_total="refused", taskoffload_poison_kills_total="kills")

@@ -155,15 +155,9 @@ class GatewayStats:
             "by_outcome": dict(self.by_outcome),
             "latency": self.percentiles(),
             "detached": (
-                self.detached.status()
-                if self.detached is not None
-                else {"held": 0, "resumed": 0, "expired": 0}
+                self.detached.status() if self.detached is not None else dict(NO_DETACHED)
             ),
-            "poison": (
-                self.poison.status()
-                if self.poison is not None
-                else {"quarantined": 0, "refused": 0, "kills": 0}
-            ),
+            "poison": (self.poison.status() if self.poison is not None else dict(NO_POISON)),
         }
 
 
@@ -279,6 +273,10 @@ class StatusCollector(Collector):
         yield from poison_families(gateway.get("poison") or {})
         yield from pool_families(document.get("pool") or {})
 
+
+#: ``gateway.detached`` and ``gateway.poison`` of ``/status`` before anything was counted.
+NO_DETACHED: Final = {"held": 0, "resumed": 0, "expired": 0}
+NO_POISON: Final = {"quarantined": 0, "refused": 0, "kills": 0}
 
 #: The detached calls' metrics: name, help (made alike in both kinds of metrics).
 DETACHED: Final = ("taskoffload_detached", "Detached calls no connection holds, kept for a resume.")
